@@ -1,0 +1,243 @@
+"""The task-agnostic training driver under Hugging Face Accelerate.
+
+Order of a run: seed -> dataset -> task.setup (models built identically on every process) ->
+per-process seed -> resume -> on_run_start -> steps (log, sample, eval, checkpoint on their
+schedules) -> final sample/eval/checkpoint, weights export -> on_run_end.
+"""
+import json
+import pathlib
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointManager, save_weights
+from .data import build_loader, check_sample, first_samples
+from .errors import HandforgeError, NonFiniteLossError
+from .imaging import save_grid
+from .plugin_manager import get_host
+from .task import RunContext
+from .toml_writer import dump as dump_toml
+
+SAMPLE_GRID_SIZE = 64
+
+
+class BatchStream:
+    """Endless batches across epochs, counted so that a resumed run continues the same stream."""
+
+    def __init__(self, loader, device, consumed: int = 0):
+        self.loader, self.device, self.consumed = loader, device, consumed
+        self._iterator = None
+
+    def next(self) -> dict:
+        while True:
+            if self._iterator is None:
+                sampler, batch_size = self.loader.sampler, self.loader.batch_size
+                epoch, offset = divmod(self.consumed, sampler.per_epoch // batch_size)
+                sampler.set_position(epoch, offset * batch_size)
+                self._iterator = iter(self.loader)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                continue
+            self.consumed += 1
+            return send_to_device(batch, self.device)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (always) plus Accelerate's trackers; writes on the main process only."""
+
+    def __init__(self, accelerator, path: pathlib.Path):
+        self.accelerator = accelerator
+        self.file = open(path, "a", encoding="utf-8") if accelerator.is_main_process else None
+
+    def write(self, record: dict, step: int) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step",)}
+        self.accelerator.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _to_float(logs: dict, accelerator) -> dict:
+    """Mean over processes of each logged scalar (a collective: every process calls it)."""
+    names = sorted(logs)
+    values = torch.stack([logs[n].detach().float().reshape(()) for n in names])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values.to(accelerator.device), reduction="mean")
+    return dict(zip(names, values.cpu().tolist()))
+
+
+def _check_finite(logs: dict, step: int, accelerator, last_checkpoint) -> None:
+    names = list(logs)
+    bad = torch.stack([~torch.isfinite(logs[n].detach().float().reshape(())) for n in names])
+    flags = bad.to(accelerator.device).float()
+    if accelerator.num_processes > 1:  # every process must stop together
+        flags = accelerator.reduce(flags, reduction="sum")
+    if flags.any():
+        terms = ", ".join(f"'{n}' = {logs[n].item()}" for n, f in zip(names, flags.tolist()) if f)
+        kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+        raise NonFiniteLossError(f"step {step}: non-finite loss {terms}; run stopped ({kept})")
+
+
+def _write_run_files(recipe, host, run_dir: pathlib.Path) -> None:
+    dump_toml(recipe.to_dict(), run_dir / "recipe.toml")
+    lines = sorted({f"{p.dist}=={p.version}" if p.dist else f"{p.name}  # local file" for p in host.plugins
+                    if not p.error})
+    (run_dir / "plugins.lock").write_text("\n".join(lines) + "\n")
+
+
+def _save_samples(run, fixed_batch, step: int) -> None:
+    out = run.task.sample(fixed_batch)
+    if out is None or not run.is_main_process:
+        return
+    names = run.class_names
+    labels = fixed_batch.get("label")
+    captions = [names[i] for i in labels[: len(out["image"])].tolist()] if names and labels is not None else None
+    keypoints = out.get("keypoints")
+    save_grid(run.run_dir / "samples" / f"step_{step:08d}.png", out["image"].float().cpu(),
+              keypoints=None if keypoints is None else keypoints.cpu(), captions=captions)
+
+
+class Trainer:
+    """One run of a recipe."""
+
+    def __init__(self, recipe, host=None):
+        self.recipe, self.host = recipe, host or get_host()
+        cfg = recipe.train
+        self.run_dir = recipe.run_dir
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.grad_accum,
+            mixed_precision=cfg.mixed_precision,
+            log_with="tensorboard" if cfg.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir),
+                                                logging_dir=str(self.run_dir / "tensorboard")),
+        )
+        self.hooks = self.host.pm.hook
+        self.checkpoints = CheckpointManager(self.accelerator, self.run_dir, cfg.keep_last)
+
+    def _prepare_run_dir(self) -> None:
+        acc, recipe = self.accelerator, self.recipe
+        # Every process checks before any writes, so all of them stop together.
+        if self.checkpoints.latest() is not None and not recipe.resume:
+            raise HandforgeError(f"{self.run_dir} already holds checkpoints: add resume=true to continue "
+                                 f"that run, or name=<new name> to start another")
+        if acc.is_main_process:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            _write_run_files(recipe, self.host, self.run_dir)
+        acc.wait_for_everyone()
+
+    def run(self) -> RunContext:
+        acc, recipe, cfg = self.accelerator, self.recipe, self.recipe.train
+        self._prepare_run_dir()
+        set_seed(recipe.seed)  # identical model initialisation on every process
+        dataset = recipe.data.build(split="train")
+        check_sample(dataset[0], where=f"dataset '{recipe.data.name}' sample 0")
+        run = RunContext(recipe=recipe, accelerator=acc, run_dir=self.run_dir, dataset=dataset,
+                         components=dict(recipe.model), hooks=self.hooks)
+        run.task = recipe.task.build()
+        run.task.setup(run)
+        self.metrics = [m.build() for m in recipe.metrics]
+        set_seed(recipe.seed, device_specific=True)  # different noise and augmentation per process
+
+        state = {"step": 0, "batches": 0, "best": None}
+        if recipe.resume:
+            latest = self.checkpoints.latest()
+            if latest is not None:
+                state.update(self.checkpoints.load(run.task, latest))
+                acc.print(f"resumed from {latest} at step {state['step']}")
+            else:
+                acc.print(f"resume=true but {self.checkpoints.dir} has no checkpoint: starting from step 0")
+        loader = build_loader(dataset, cfg.batch_size, recipe.seed, cfg.num_workers,
+                              rank=acc.process_index, num_replicas=acc.num_processes)
+        stream = self.stream = BatchStream(loader, acc.device, consumed=state["batches"])
+        run.next_batch = stream.next
+        fixed_batch = send_to_device(first_samples(dataset, SAMPLE_GRID_SIZE), acc.device)
+
+        if cfg.tensorboard:
+            acc.init_trackers("tb")
+        log = MetricsLog(acc, self.run_dir / "metrics.jsonl")
+        last_checkpoint = self.checkpoints.latest()
+        status = "failed"
+        self.hooks.on_run_start(run=run)
+        try:
+            last_checkpoint = self._steps(run, stream, fixed_batch, state, log, last_checkpoint)
+            status = "completed"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            log.close()
+            if cfg.tensorboard:
+                acc.end_training()
+            self.hooks.on_run_end(run=run, status=status)
+        return run
+
+    def _steps(self, run, stream, fixed_batch, state, log, last_checkpoint):
+        acc, cfg = self.accelerator, self.recipe.train
+        progress = tqdm(total=cfg.steps, initial=state["step"], disable=not (acc.is_main_process and cfg.progress),
+                        dynamic_ncols=True, desc=self.recipe.name)
+        start_time, start_step = time.perf_counter(), state["step"]
+        step = state["step"]
+        for step in range(state["step"] + 1, cfg.steps + 1):
+            run.step = step
+            logs = run.task.train_step(stream.next(), step)
+            _check_finite(logs, step, acc, last_checkpoint)
+            self.hooks.on_step_end(run=run, step=step, logs=logs)
+            progress.update(1)
+            final = step == cfg.steps
+            if step % cfg.log_every == 0 or final:
+                values = _to_float(logs, acc)
+                elapsed = time.perf_counter() - start_time
+                record = {"step": step, "type": "train", **values,
+                          "samples_per_s": (step - start_step) * cfg.batch_size * acc.num_processes / elapsed}
+                log.write(record, step)
+                progress.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
+            if (cfg.sample_every and step % cfg.sample_every == 0) or final:
+                _save_samples(run, fixed_batch, step)
+            evaluate = self.metrics and ((self.recipe.eval.every and step % self.recipe.eval.every == 0) or final)
+            if evaluate:
+                self._evaluate(run, step, state, log)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or final:
+                state.update(step=step, batches=stream.consumed)
+                last_checkpoint = self.checkpoints.save(run.task, state)
+                self.hooks.on_checkpoint_saved(run=run, step=step, path=last_checkpoint)
+        progress.close()
+        if acc.is_main_process:
+            for name, module in run.task.export_modules().items():
+                save_weights(module, self.run_dir / "weights" / f"{name}.safetensors")
+        acc.wait_for_everyone()
+        return last_checkpoint
+
+    def _evaluate(self, run, step, state, log) -> None:
+        values = {}
+        for component, metric in zip(self.recipe.metrics, self.metrics):
+            try:
+                result = metric.evaluate(run)
+            except HandforgeError:
+                raise
+            except Exception as exc:
+                raise HandforgeError(f"{component.path}: metric '{component.name}' "
+                                     f"({component.entry.origin}) failed: {type(exc).__name__}: {exc}") from exc
+            values.update({k: float(v) for k, v in result.items()})
+        log.write({"step": step, "type": "eval", **values}, step)
+        self.hooks.on_eval_end(run=run, step=step, metrics=values)
+        best_name, mode = self.recipe.eval.best_metric, self.recipe.eval.best_mode
+        if best_name and best_name in values:
+            value, best = values[best_name], state.get("best")
+            if best is None or (value < best if mode == "min" else value > best):
+                state.update(best=value, best_step=step, step=step, batches=self.stream.consumed)
+                self.checkpoints.save(run.task, state, name="best")
+
+
+def train(recipe, host=None) -> RunContext:
+    """Run a validated recipe to the end (or resume it when ``recipe.resume``)."""
+    return Trainer(recipe, host).run()
+

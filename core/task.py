@@ -1,0 +1,94 @@
+"""The contract between the run loop and a task (a training program), and the run context.
+
+A task is registered like any component, with the slots it has::
+
+    register("gan", GanTask, config=GanConfig, needs=("image",),
+             slots=(Slot("generator", "backbone"), Slot("loss", "loss", default="hinge")))
+
+The recipe fills the slots under ``[model.<slot>]``; the task builds each one with
+``run.components[slot].build(**context)`` — the context (role, image size, number of classes,
+...) is whatever the task's components expect, so the core never needs to know it.
+"""
+from typing import Any
+
+import attrs
+import torch
+
+
+@attrs.frozen
+class Slot:
+    """A component slot a task declares. ``default`` fills the slot when a recipe leaves it out;
+    a slot with no default and ``optional=False`` is required."""
+
+    name: str
+    kind: str
+    default: str | None = None
+    optional: bool = False
+    summary: str = ""
+
+
+class Task:
+    """Base class of training programs. The loop calls, in order:
+
+    ``setup(run)`` once (build components, optimizers, ``run.accelerator.prepare`` them);
+    ``load_state_dict`` when resuming; ``train_step(batch, step)`` per step (inside it, one
+    ``accelerator.accumulate(...)`` block for the whole iteration); ``sample(batch)`` for sample
+    grids; ``state_dict()`` at each checkpoint; ``export_modules()`` for the final weights.
+    """
+
+    def setup(self, run: "RunContext") -> None:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """One iteration. Returns detached scalar tensors (loss terms, statistics) by name."""
+        raise NotImplementedError
+
+    def sample(self, batch: dict) -> dict | None:
+        """Images for a sample grid, ``{"image": (N,3,H,W) in [-1,1], "keypoints"?: (N,21,3)}``,
+        produced for the conditions in ``batch``; None when the task makes no images."""
+        return None
+
+    def generate(self, batch: dict) -> torch.Tensor:
+        """Generated images (N,3,H,W) in [-1,1] for the conditions in ``batch``, for metrics."""
+        raise NotImplementedError(f"task {type(self).__name__} does not generate images")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond the prepared models and optimizers (EMA weights, ...) for checkpoints.
+        Saved as safetensors: tensors only, never pickled objects."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def export_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules whose final weights are exported as ``weights/<name>.safetensors``."""
+        return {}
+
+
+@attrs.define(eq=False)
+class RunContext:
+    """What tasks, metrics and observer hooks see of a run."""
+
+    recipe: Any  # handforge.recipe.Recipe
+    accelerator: Any  # accelerate.Accelerator
+    run_dir: Any  # pathlib.Path
+    dataset: Any
+    components: dict  # slot name -> handforge.recipe.Component
+    task: Task | None = None
+    hooks: Any = None  # pluggy hook relay, for tasks that call observer hooks
+    step: int = 0
+    # The next training batch (on the device). The loop passes one batch to each train_step;
+    # a task that needs more per step (several D steps, say) calls this, and resume stays exact.
+    next_batch: Any = None
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(getattr(self.dataset, "class_names", []) or [])

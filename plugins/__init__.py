@@ -1,0 +1,10 @@
+"""Built-in handforge components. Each module below is a plugin registered through the same
+hooks a third-party package uses; the core loads them by this list and names none of them."""
+
+BUILTIN_MODULES = (
+    "handforge.plugins.datasets.procedural_hands",
+    "handforge.plugins.backbones.deep_conv",
+    "handforge.plugins.conditioners.label",
+    "handforge.plugins.losses.adversarial",
+    "handforge.plugins.tasks.gan",
+)

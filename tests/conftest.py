@@ -1,0 +1,30 @@
+"""Shared fixtures. Entry-point autoload is off by default so plugins installed in the
+environment cannot change what the tests see; tests of entry points turn it back on."""
+import os
+import pathlib
+import sys
+
+import pytest
+
+os.environ.setdefault("HANDFORGE_DISABLE_PLUGIN_AUTOLOAD", "1")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@pytest.fixture
+def host():
+    """A fresh plugin host with the built-in plugins only."""
+    from handforge.plugin_manager import PluginHost
+
+    h = PluginHost()
+    h.load_builtins()
+    return h
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600):
+    """Run `python -m handforge.cli`-equivalent in a subprocess; returns CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([PYTHON, str(REPO / "run.py"), *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
