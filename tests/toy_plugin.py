@@ -41,6 +41,7 @@ class NetConfig:
 @attrs.define
 class ToyTaskConfig:
     lr: float = 1e-2
+    noise: float = 0.1  # drawn from the global RNG, so a resume must restore it exactly
     nan_at_step: int = 0
 
 
@@ -59,7 +60,8 @@ class ToyTask(Task):
 
     def train_step(self, batch, step):
         with self.run.accelerator.accumulate(self.net):
-            loss = self.net(batch["image"].flatten(1)).pow(2).mean()
+            x = batch["image"].flatten(1)
+            loss = self.net(x + self.config.noise * torch.randn_like(x)).pow(2).mean()
             if step == self.config.nan_at_step:
                 loss = loss * float("nan")
             self.run.accelerator.backward(loss)
