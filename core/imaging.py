@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .data import KEYPOINT_PARENTS, N_KEYPOINTS
+from .fileio import atomic_write_bytes
 
 # One colour per finger (thumb, index, middle, ring, pinky), for the bones to a finger's joints
 # and for those joints' dots; the wrist has its own.
@@ -39,11 +38,6 @@ def joint_colour(joint: int) -> tuple:
     return WRIST_COLOUR if joint == 0 else FINGER_COLOURS[(joint - 1) // 4]
 
 
-# Files are created with mkstemp (mode 0600); give the finished file the usual umask-based mode.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def _numpy(array) -> np.ndarray:
     if isinstance(array, torch.Tensor):  # any device; bf16 has no numpy dtype
         array = array.detach().cpu()
@@ -51,25 +45,6 @@ def _numpy(array) -> np.ndarray:
             array = array.float()
         return array.numpy()
     return np.asarray(array)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def to_uint8(images) -> np.ndarray:
@@ -231,5 +206,5 @@ def save_grid(path, images, keypoints=None, captions=None, nrow: int | None = No
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     path = Path(path)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointManager, save_weights
 from .data import build_loader, check_sample, first_samples
 from .errors import HandforgeError, NonFiniteLossError
+from .fileio import atomic_write_bytes
 from .imaging import save_grid
 from .plugin_manager import get_host
 from .task import RunContext
@@ -91,7 +92,7 @@ def _write_run_files(recipe, host, run_dir: pathlib.Path) -> None:
     dump_toml(recipe.to_dict(), run_dir / "recipe.toml")
     lines = sorted({f"{p.dist}=={p.version}" if p.dist else f"{p.name}  # local file" for p in host.plugins
                     if not p.error})
-    (run_dir / "plugins.lock").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(run_dir / "plugins.lock", ("\n".join(lines) + "\n").encode())
 
 
 def _save_samples(run, fixed_batch, step: int) -> None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import numbers
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from .fileio import atomic_write_bytes
 
 __all__ = ["dumps", "dump"]
 
@@ -30,9 +30,6 @@ _ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"'
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x08\x0a-\x1f\x7f"\\\t]')
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 _WRAP = 88  # an array longer than this on one line is wrapped over several lines
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def dumps(data: Mapping) -> str:
@@ -48,23 +45,7 @@ def dump(data: Mapping, path) -> Path:
     """Write ``dumps(data)`` to ``path`` (UTF-8) atomically: a temporary file beside it, renamed
     into place. Parent folders are created. Returns the path."""
     text = dumps(data)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --- tables -------------------------------------------------------------------------------------
