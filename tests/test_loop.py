@@ -1,12 +1,13 @@
 """The run loop end to end on a toy task: run directory, schedules, checkpoints, NaN, resume."""
 import json
 import pathlib
+import tomllib
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from handforge.checkpoint import CheckpointManager
 from handforge.errors import HandforgeError, NonFiniteLossError
 from handforge.loop import Trainer
@@ -120,26 +121,41 @@ def write_recipe(path, raw):
     return path
 
 
-def test_killed_and_resumed_run_is_bit_identical(tmp_path):
+def tiny_quickstart(root):
+    """recipes/quickstart.toml shrunk: the real GAN (Adam, EMA, BatchNorm, spectral norm)."""
+    raw = tomllib.loads((REPO / "recipes" / "quickstart.toml").read_text())
+    raw["output_dir"] = str(root / "runs")
+    raw["model"]["generator"].update(ch=8, z_dim=16)
+    raw["model"]["discriminator"]["ch"] = 8
+    raw["train"].update(steps=6, batch_size=8, log_every=2, sample_every=3, checkpoint_every=2, progress=False)
+    return raw
+
+
+@pytest.mark.parametrize("make_recipe", [lambda root: toy_raw(root, checkpoint_every=2), tiny_quickstart],
+                         ids=["toy", "quickstart_gan"])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, make_recipe):
     """A hard kill (os._exit) right after the step-4 checkpoint, then resume=true, ends with the
     same weights, bit for bit, as a run that was never interrupted."""
-    straight = toy_raw(tmp_path / "a", checkpoint_every=2)
-    killed = toy_raw(tmp_path / "b", checkpoint_every=2)
-    killed["plugins"].append(str(KILL))
+    straight, killed = make_recipe(tmp_path / "a"), make_recipe(tmp_path / "b")
+    killed["plugins"] = killed.get("plugins", []) + [str(KILL)]
     env = {"HANDFORGE_TEST_KILL_AT": "4"}
     a = run_cli("run", write_recipe(tmp_path / "a.toml", straight), env=env)
     assert a.returncode == 0, a.stderr
     b = run_cli("run", write_recipe(tmp_path / "b.toml", killed), env=env)
     assert b.returncode == 17, b.stderr
-    assert CheckpointManager(None, tmp_path / "b/runs/toy", 3).latest().name == "step_00000004"
-    assert not (tmp_path / "b/runs/toy/weights").exists()
+    name = straight["name"]
+    assert CheckpointManager(None, tmp_path / "b/runs" / name, 3).latest().name == "step_00000004"
+    assert not (tmp_path / "b/runs" / name / "weights").exists()
     c = run_cli("run", tmp_path / "b.toml", "resume=true", env={"HANDFORGE_TEST_KILL_AT": "0"})
     assert c.returncode == 0, c.stderr
     assert "resumed from" in c.stdout
-    wa = load_file(tmp_path / "a/runs/toy/weights/net.safetensors")
-    wb = load_file(tmp_path / "b/runs/toy/weights/net.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    # and the interruption really mattered: an unseeded noise stream would have diverged
-    steps_a = [json.loads(x)["loss"] for x in (tmp_path / "a/runs/toy/metrics.jsonl").read_text().splitlines()]
-    steps_b = [json.loads(x)["loss"] for x in (tmp_path / "b/runs/toy/metrics.jsonl").read_text().splitlines()]
-    assert steps_a == steps_b
+    weights = sorted(p.name for p in (tmp_path / "a/runs" / name / "weights").iterdir())
+    assert weights and weights == sorted(p.name for p in (tmp_path / "b/runs" / name / "weights").iterdir())
+    for file in weights:
+        wa = load_file(tmp_path / "a/runs" / name / "weights" / file)
+        wb = load_file(tmp_path / "b/runs" / name / "weights" / file)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), file
+    # the logged losses match too (steps 2 and 4 before the kill, 6 after the resume)
+    logs = [[{k: v for k, v in json.loads(x).items() if k != "samples_per_s"}
+             for x in (tmp_path / d / "runs" / name / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [r["step"] for r in logs[0]] == [2, 4, 6] and logs[0] == logs[1]
