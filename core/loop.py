@@ -96,8 +96,10 @@ def _write_run_files(recipe, host, run_dir: pathlib.Path) -> None:
 
 
 def _save_samples(run, fixed_batch, step: int) -> None:
+    if not run.is_main_process:  # sampling runs unwrapped modules: no collective to join
+        return
     out = run.task.sample(fixed_batch)
-    if out is None or not run.is_main_process:
+    if out is None:
         return
     names = run.class_names
     labels = fixed_batch.get("label")
@@ -186,7 +188,6 @@ class Trainer:
         progress = tqdm(total=cfg.steps, initial=state["step"], disable=not (acc.is_main_process and cfg.progress),
                         dynamic_ncols=True, desc=self.recipe.name)
         start_time, start_step = time.perf_counter(), state["step"]
-        step = state["step"]
         for step in range(state["step"] + 1, cfg.steps + 1):
             run.step = step
             logs = run.task.train_step(stream.next(), step)

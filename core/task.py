@@ -45,7 +45,8 @@ class Task:
 
     def sample(self, batch: dict) -> dict | None:
         """Images for a sample grid, ``{"image": (N,3,H,W) in [-1,1], "keypoints"?: (N,21,3)}``,
-        produced for the conditions in ``batch``; None when the task makes no images."""
+        produced for the conditions in ``batch``; None when the task makes no images. Called on
+        the main process only, so it must not use collectives (run unwrapped modules)."""
         return None
 
     def generate(self, batch: dict) -> torch.Tensor:
