@@ -28,6 +28,24 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+def tensorboard_scalars(root) -> dict:
+    """tag -> [(step, value)] read from TensorBoard event files (TFRecord framing + Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for file in sorted(pathlib.Path(root).rglob("events.out.tfevents.*")):
+        data, offset = file.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def toy_raw(tmp_path, **train):
     return {
         "name": "toy", "seed": 1, "output_dir": str(tmp_path / "runs"), "plugins": [str(TOY)],
@@ -57,7 +75,8 @@ def test_run_directory_contents(tmp_path):
     records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]
     assert all(r["type"] == "train" and r["loss"] >= 0 and r["samples_per_s"] > 0 for r in records)
-    assert list((d / "tensorboard").rglob("events.out.tfevents.*"))
+    assert tensorboard_scalars(d / "tensorboard")["train/loss"] == [(r["step"], pytest.approx(r["loss"]))
+                                                                     for r in records]
     exported = load_file(d / "weights/net.safetensors")
     net = run.accelerator.unwrap_model(run.task.net)
     assert torch.equal(exported["weight"], net.weight.detach())
