@@ -158,19 +158,10 @@ def cmd_inspect(args) -> int:
 
     from .data import check_sample, collate
     from .imaging import save_grid
-    from .recipe import RecipeError, _Resolver, parse_override
+    from .recipe import apply_overrides, resolve_component
 
-    table = {"name": args.dataset}
-    for text in args.options:
-        keys, value = parse_override(text)
-        node = table
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    resolver = _Resolver(get_host(), None)
-    component = resolver.component(table, "dataset", "dataset")
-    if resolver.problems:
-        raise RecipeError(resolver.problems)
+    table = apply_overrides({"name": args.dataset}, args.options)
+    component = resolve_component(table, "dataset", "dataset")
     dataset = component.build(split=args.split)
     count = min(args.num, len(dataset))
     samples = [dataset[i] for i in range(count)]

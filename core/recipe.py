@@ -427,6 +427,17 @@ def resolve(raw: dict, source=None, host=None) -> Recipe:
                   evaluation, metrics)
 
 
+def resolve_component(table: dict, kind: str, path: str, host=None) -> Component:
+    """Validate one component table (``{name = ..., ...options}``) outside a recipe."""
+    from .plugin_manager import get_host
+
+    resolver = _Resolver(host or get_host(), None)
+    component = resolver.component(table, kind, path)
+    if resolver.problems:
+        raise RecipeError(resolver.problems)
+    return component
+
+
 def load_recipe(path, overrides=(), host=None) -> Recipe:
     """Read, override and validate a recipe file."""
     raw = read_toml(path)
