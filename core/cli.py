@@ -16,6 +16,24 @@ from .plugin_manager import get_host
 from .registry import KINDS, did_you_mean
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser. With ``intermixed = True`` its positionals may follow its flags
+    (``prepare DATASET --num 8 size=64``): plain argparse fills a ``nargs="*"`` positional only
+    where it starts and rejects the ``key=value`` words after the flags."""
+
+    intermixed = False
+    _parsing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.intermixed or self._parsing:  # parse_known_intermixed_args calls back in here
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
 class CommandLine:
     """What the ``register_commands(cli)`` hook receives: add subcommands to ``handforge``."""
 
@@ -201,12 +219,21 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .prepare import prepare
+
+    result = prepare(args.dataset, args.num, args.out, size=args.size, seed=args.seed, split=args.split,
+                     batch=args.batch, overwrite=args.overwrite, options=args.options)
+    print(result.summary())
+    return 0
+
+
 # -- parser and entry point --------------------------------------------------------------------
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, CommandLine]:
     parser = argparse.ArgumentParser(prog="handforge", description="Synthetic hand data: train, evaluate, generate.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     cli = CommandLine(sub)
 
     def recipe_args(p):
@@ -227,6 +254,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, CommandLine]:
         json_flag(p)
 
     def inspect_args(p):
+        p.intermixed = True  # options may follow the flags, as with prepare
         p.add_argument("dataset", help="a registered dataset name")
         p.add_argument("options", nargs="*", help="dataset options as option=value (size=64)")
         p.add_argument("--num", type=int, default=4, help="how many samples (default 4)")
@@ -234,12 +262,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, CommandLine]:
         p.add_argument("--grid", help="write a PNG grid of the samples with keypoints drawn")
         json_flag(p)
 
+    def prepare_args(p):
+        p.intermixed = True  # the usage puts key=value options after the flags
+        p.add_argument("dataset", help="a registered dataset name")
+        p.add_argument("options", nargs="*", help="dataset options as option=value, the value read as TOML (length=1000)")
+        p.add_argument("--num", type=int, required=True, help="how many samples: indices 0 .. NUM-1")
+        p.add_argument("--out", required=True, help="folder to write (must be new or empty unless --overwrite)")
+        p.add_argument("--size", type=int, help="shortcut for the dataset option size=S")
+        p.add_argument("--seed", type=int, help="shortcut for the dataset option seed=K")
+        p.add_argument("--split", default="train", choices=["train", "val"])
+        p.add_argument("--batch", type=int, default=64, help="samples fetched per call (default 64)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty folder, replacing an earlier prepare's images and labels")
+
     cli.add_command("run", "train a recipe (resume=true continues its latest checkpoint)", recipe_args, cmd_run)
     cli.add_command("validate", "check a recipe completely without training", recipe_args, cmd_validate)
     cli.add_command("plugins", "list loaded plugins with versions, hooks and load failures", json_flag, cmd_plugins)
     cli.add_command("list", "list registered components of a kind", list_args, cmd_list)
     cli.add_command("show", "show a component's options, types, defaults and docs", show_args, cmd_show)
     cli.add_command("inspect", "load a dataset and print (or draw) its first samples", inspect_args, cmd_inspect)
+    cli.add_command("prepare", "write a dataset's first N samples as PNG files plus labels.json", prepare_args,
+                    cmd_prepare)
     get_host().pm.hook.register_commands(cli=cli)
     return parser, cli
 

@@ -7,6 +7,7 @@ component tables ``{name = "...", ...options}`` (``[task]``, ``[data]``, ``[mode
 """
 import hashlib
 import pathlib
+import re
 import sys
 from typing import Any, Literal
 
@@ -97,6 +98,9 @@ def at_least(minimum):
     return check
 
 
+_ATTRS_MESSAGE = re.compile(r"^'(\w+)' (must .*)$", re.S)
+
+
 def _problems(exc: BaseException, path: str):
     """Flatten a cattrs error tree into 'toml.path: message' lines."""
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
@@ -116,6 +120,9 @@ def _problems(exc: BaseException, path: str):
     elif isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
             yield from _problems(sub, path)
+    elif isinstance(exc, ValueError) and _ATTRS_MESSAGE.match(str(exc)):
+        field, message = _ATTRS_MESSAGE.match(str(exc)).groups()  # attrs' ge/le/in_: "'size' must be >= 16: 8"
+        yield f"{path}.{field}: {message}"
     elif isinstance(exc, ValueError) and ": " in str(exc) and str(exc).split(": ", 1)[0].isidentifier():
         field, message = str(exc).split(": ", 1)  # from at_least(): "steps: must be >= 1, got 0"
         yield f"{path}.{field}: {message}"
@@ -131,9 +138,11 @@ def _validator_problems(value: dict, cls, path: str) -> list:
         if field.validator is None or field.name not in value:
             continue
         try:
-            field.validator(None, field, converter.structure(value[field.name], field.type))
-        except TypeMismatch:
-            continue  # already reported as a type problem
+            typed = converter.structure(value[field.name], field.type)
+        except Exception:  # noqa: BLE001 - already reported as a type problem
+            continue
+        try:
+            field.validator(None, field, typed)
         except Exception as exc:  # noqa: BLE001
             found.extend(_problems(exc, path))
     return found
