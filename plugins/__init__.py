@@ -4,7 +4,13 @@ hooks a third-party package uses; the core loads them by this list and names non
 BUILTIN_MODULES = (
     "handforge.plugins.datasets.procedural_hands",
     "handforge.plugins.backbones.deep_conv",
+    "handforge.plugins.backbones.resnet",
+    "handforge.plugins.backbones.big_resnet",
     "handforge.plugins.conditioners.label",
+    "handforge.plugins.conditioners.pose",
+    "handforge.plugins.conditioners.auxiliary",
+    "handforge.plugins.augmentations.diffaug",
+    "handforge.plugins.augmentations.ada",
     "handforge.plugins.losses.adversarial",
     "handforge.plugins.tasks.gan",
 )

@@ -12,7 +12,9 @@ Discriminator: conv3x3 -> LeakyReLU -> [conv4x4 stride 2, LeakyReLU]* -> sum ove
 Every layer is spectrally normalised when ``spectral_norm`` is on; the head comes from the
 discriminator's conditioner (``projection`` adds the class inner product).
 
-Both forwards take ``cond``, whatever the conditioner's ``condition(batch)`` made (labels or None).
+Both forwards take ``cond``, whatever the conditioner's ``condition(batch)`` made (labels, maps
+or None); the generator appends its conditioner's ``latent(cond)`` to z, the discriminator
+concatenates its conditioner's ``merge_input`` channels to the image.
 """
 import math
 
@@ -46,12 +48,15 @@ class Generator(nn.Module):
     def __init__(self, config: DeepConvConfig, image_size: int, conditioner):
         super().__init__()
         self.z_dim, ws = config.z_dim, widths(image_size, config.ch)
-        self.linear = nn.Linear(config.z_dim, ws[0] * 16)
+        self.conditioner = conditioner  # not a module: it only makes layers and vectors
+        self.linear = nn.Linear(config.z_dim + conditioner.latent_dim, ws[0] * 16)
         self.norms = nn.ModuleList([conditioner.norm(w) for w in ws])
         self.convs = nn.ModuleList([nn.Conv2d(w_in, w_out, 3, padding=1) for w_in, w_out in zip(ws, ws[1:])])
         self.to_rgb = nn.Conv2d(ws[-1], 3, 3, padding=1)
 
     def forward(self, z, cond=None):
+        extra = self.conditioner.latent(cond)
+        z = z if extra is None else torch.cat([z, extra], 1)
         x = self.linear(z).view(z.shape[0], -1, 4, 4).contiguous(memory_format=torch.channels_last)
         x = F.relu(self.norms[0](x, cond))
         for conv, norm in zip(self.convs, self.norms[1:]):
@@ -63,14 +68,15 @@ class Discriminator(nn.Module):
     def __init__(self, config: DeepConvConfig, image_size: int, conditioner):
         super().__init__()
         ws, use_sn = widths(image_size, config.ch)[::-1], config.spectral_norm
-        self.from_rgb = maybe_sn(nn.Conv2d(3, ws[0], 3, padding=1), use_sn)
+        self.conditioner = conditioner
+        self.from_rgb = maybe_sn(nn.Conv2d(3 + conditioner.input_channels, ws[0], 3, padding=1), use_sn)
         self.downs = nn.ModuleList(
             [maybe_sn(nn.Conv2d(w_in, w_out, 4, stride=2, padding=1), use_sn) for w_in, w_out in zip(ws, ws[1:])]
         )
         self.head = conditioner.head(ws[-1], spectral_norm=use_sn)
 
     def forward(self, x, cond=None):
-        x = F.leaky_relu(self.from_rgb(x), 0.2)
+        x = F.leaky_relu(self.from_rgb(self.conditioner.merge_input(x, cond)), 0.2)
         for down in self.downs:
             x = F.leaky_relu(down(x), 0.2)
         return self.head(x.sum(dim=(2, 3)), cond)

@@ -1,47 +1,16 @@
 """Label conditioners: none, conditional BatchNorm (generator), projection head (discriminator).
 
-A conditioner decides how a condition enters a network. A backbone never looks at labels or
-keypoints itself: it asks the conditioner of its side for the layers that consume them, and
-passes an opaque ``cond`` through its forward. The interface (duck-typed; subclass
-:class:`Conditioner` to inherit the unconditional defaults):
-
-``factory(config, *, role, n_classes, **context) -> conditioner``
-    ``role`` is "generator" or "discriminator"; a conditioner that cannot serve ``role``
-    raises :class:`~handforge.errors.HandforgeError`.
-``conditioner.fields -> tuple[str, ...]``
-    the sample fields it reads (also registered as ``needs``).
-``conditioner.condition(batch) -> cond``
-    what the task passes as ``cond`` to ``forward(..., cond)``: here the label tensor (N,), or
-    None. A spatial conditioner (spade) would return maps made from ``batch["keypoints"]``.
-``conditioner.norm(num_features) -> nn.Module``
-    a normalisation layer for (N, C, H, W) features, ``forward(x, cond) -> x``.
-``conditioner.head(num_features, *, spectral_norm=False) -> nn.Module``
-    the discriminator's output layer on pooled features h (N, F), ``forward(h, cond) -> (N,)``.
-
-Backbones call only what they need (a generator ``norm``, a discriminator ``head``); the
-modules returned belong to the backbone, so they are trained, saved and EMA-averaged with it.
+The conditioner interface (including the vector norms and shared embedding that BigGAN-style
+generators use) is described in :mod:`handforge.plugins.conditioners.base`.
 """
 import torch.nn as nn
-from torch.nn.utils.parametrizations import spectral_norm as sn
 
 from handforge import hookimpl
-from handforge.errors import HandforgeError
 
-ROLES = ("generator", "discriminator")
-
-
-def maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:
-    return sn(module) if enabled else module
+from .base import BatchNorm, Conditioner, LinearHead, VectorBatchNorm, maybe_sn  # noqa: F401  (re-exported)
 
 
 # -- layers -------------------------------------------------------------------------------------
-
-
-class BatchNorm(nn.BatchNorm2d):
-    """Plain BatchNorm that accepts (and ignores) a condition."""
-
-    def forward(self, x, cond=None):
-        return super().forward(x)
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -58,20 +27,9 @@ class ConditionalBatchNorm(nn.Module):
         nn.init.ones_(self.gain.weight)
         nn.init.zeros_(self.bias.weight)
 
-    def forward(self, x, cond):
+    def forward(self, x, cond, extra=None):
         gain, bias = self.gain(cond)[:, :, None, None], self.bias(cond)[:, :, None, None]
         return self.bn(x) * gain + bias
-
-
-class LinearHead(nn.Module):
-    """Unconditional output: out = w . h + b."""
-
-    def __init__(self, num_features: int, spectral_norm: bool = False):
-        super().__init__()
-        self.linear = maybe_sn(nn.Linear(num_features, 1), spectral_norm)
-
-    def forward(self, h, cond=None):
-        return self.linear(h).squeeze(1)
 
 
 class ProjectionHead(nn.Module):
@@ -91,41 +49,10 @@ class ProjectionHead(nn.Module):
 # -- conditioners -------------------------------------------------------------------------------
 
 
-class Conditioner:
-    """Base conditioner: no condition, plain BatchNorm, linear head. Subclasses override parts."""
-
-    name = "none"
-    roles = ROLES
-    fields: tuple = ()
-
-    def __init__(self, config=None, *, role: str, n_classes: int = 0, **_):
-        if role not in self.roles:
-            other = {"generator": "d_conditioner", "discriminator": "g_conditioner"}[role]
-            raise HandforgeError(
-                f"conditioner '{self.name}' works on the {' and '.join(self.roles)} side only, "
-                f"not as the {role}'s conditioner (use it as {other}, or pick another)"
-            )
-        if "label" in self.fields and n_classes < 1:
-            raise HandforgeError(f"conditioner '{self.name}' needs class labels, but the dataset has no class_names")
-        self.config, self.role, self.n_classes = config, role, n_classes
-
-    def condition(self, batch: dict):
-        if not self.fields:
-            return None
-        missing = [f for f in self.fields if f not in batch]
-        if missing:
-            raise HandforgeError(f"conditioner '{self.name}' needs field(s) {missing}; the batch has {sorted(batch)}")
-        return batch[self.fields[0]] if len(self.fields) == 1 else tuple(batch[f] for f in self.fields)
-
-    def norm(self, num_features: int) -> nn.Module:
-        return BatchNorm(num_features)
-
-    def head(self, num_features: int, *, spectral_norm: bool = False) -> nn.Module:
-        return LinearHead(num_features, spectral_norm)
-
-
 class NoCondition(Conditioner):
-    """No condition: plain BatchNorm on the generator, a linear head on the discriminator."""
+    """No condition: plain BatchNorm on the generator, a linear head on the discriminator.
+
+    A BigGAN-style backbone still gets vector norms driven by its z chunks (see the base class)."""
 
 
 class ClassBatchNorm(Conditioner):
@@ -133,8 +60,15 @@ class ClassBatchNorm(Conditioner):
 
     name, roles, fields = "cbn", ("generator",), ("label",)
 
-    def norm(self, num_features: int) -> nn.Module:
+    def norm(self, num_features: int, *, extra_dim: int = 0, spectral_norm: bool = False) -> nn.Module:
+        if extra_dim:  # BigGAN: the class enters through the shared embedding, part of the vector
+            return VectorBatchNorm(num_features, extra_dim, spectral_norm)
         return ConditionalBatchNorm(num_features, self.n_classes)
+
+    def shared_embedding(self, dim: int) -> nn.Module:
+        embedding = nn.Embedding(self.n_classes, dim)
+        nn.init.orthogonal_(embedding.weight)  # BigGAN initialises every weight orthogonally
+        return embedding
 
 
 class Projection(Conditioner):

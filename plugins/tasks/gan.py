@@ -5,17 +5,31 @@ Slots (filled under ``[model.<slot>]`` of a recipe):
 - ``generator``, ``discriminator``: backbones built with ``role``, ``image_size``, ``n_classes``
   and ``conditioner`` (the built conditioner of their side);
 - ``g_conditioner``, ``d_conditioner``: how conditions enter each network (default ``none``);
-  their ``condition(batch)`` makes the ``cond`` both networks receive;
-- ``loss``: an object with ``d_loss(real_logits, fake_logits)`` and ``g_loss(fake_logits)``;
-- ``augment`` (optional): a callable on (N, C, H, W) images, applied the same way to real and
-  fake images before the discriminator (DiffAugment / ADA style), built with ``image_size``.
+  their ``condition(batch)`` makes the ``cond`` both networks receive. When D's output is
+  ``(logits, aux)`` (an auxiliary head: ``acgan``, ``d2dce``), ``d_conditioner.d_aux_loss(aux, cond)``
+  on real images joins the D loss and ``d_conditioner.g_aux_loss(aux, cond)`` on fakes the G loss;
+- ``loss``: ``d_loss(real_logits, fake_logits)``, ``g_loss(fake_logits)`` and optionally
+  ``d_penalty(D, real, fake, cond, step)`` (R1, gradient penalty), added to the D loss in every D
+  step it returns a tensor for, on the images D saw; ``step`` is ``iteration * d_steps + i``;
+- ``augment`` (optional): an nn.Module applied to real and fake images before the discriminator
+  (DiffAugment / ADA style), built with ``image_size``. With a spatial ``d_conditioner`` (maps
+  aligned with the image) it is called as ``augment(images, maps) -> (images, maps)`` so that
+  geometric transforms move the maps too. Its optional ``observe(real_logits)`` is called after
+  every D step (ADA adapts its strength), its optional ``log()`` values join the step's logs, and
+  its buffers are saved with the task's state.
 
 One iteration (one ``train_step``) is ``d_steps`` discriminator updates, then one generator
 update, all inside one ``accelerator.accumulate`` block. Fake images take the conditions of the
-real batch they are compared with.
+real batch they are compared with. Logged: ``d_loss`` and ``g_loss`` (the adversarial terms
+alone), ``d_real``, ``d_fake`` (mean logits), and when present ``d_penalty``, ``d_aux``, ``g_aux``
+and the augmentation's values.
+
+Sampling (``sample``, ``generate``) uses the EMA generator, optionally with BigGAN's truncation
+trick and standing statistics (see :mod:`handforge.plugins.tasks.sampling`).
 """
 import contextlib
 import copy
+import inspect
 
 import attrs
 import torch
@@ -26,6 +40,14 @@ from handforge import hookimpl
 from handforge.errors import HandforgeError
 from handforge.task import Slot, Task
 
+from .sampling import standing_statistics, truncate
+
+
+def _truncation(instance, attribute, value):
+    # Rejection redraws of n entries take about ln(n) / P(|z| <= t) rounds: below t = 0.01, thousands.
+    if value != 0 and value < 0.01:
+        raise ValueError(f"{attribute.name}: must be 0 (off) or >= 0.01, got {value!r}")
+
 
 @attrs.define
 class GanConfig:
@@ -33,16 +55,36 @@ class GanConfig:
     d_lr: float = 2e-4
     betas: tuple[float, float] = attrs.field(  # Adam, both networks
         default=(0.0, 0.999), converter=tuple, validator=v.deep_iterable(v.and_(v.ge(0.0), v.lt(1.0))))
-    d_steps: int = attrs.field(default=1, validator=v.ge(1))  # D updates per G update
+    d_steps: int = attrs.field(default=1, validator=v.ge(1))  # D updates per G update (WGAN-GP's n_critic)
     # EMA generator: 0 = none. Its decay warms up as min(ema_decay, (1 + t) / (10 + t)), t = step - ema_start,
     # so early samples are not dominated by the initial weights; before ema_start the EMA copies G.
     ema_decay: float = attrs.field(default=0.999, validator=[v.ge(0.0), v.lt(1.0)])
     ema_start: int = attrs.field(default=0, validator=v.ge(0))
     sample_count: int = attrs.field(default=64, validator=v.ge(1))  # images per sample grid
+    truncation: float = attrs.field(default=0.0, validator=[v.ge(0.0), _truncation], metadata={
+        "help": "sampling only: redraw latent entries with |z| above this (BigGAN's truncation trick); 0 = off"})
+    standing_stats: int = attrs.field(default=0, validator=v.ge(0), metadata={
+        "help": "sampling only: recompute the generator's BatchNorm statistics over this many batches "
+                "of its own samples first (BigGAN); 0 = off. For BatchNorm generators whose eval-mode "
+                "samples look off (typically with an EMA generator); no effect without BatchNorm"})
 
 
 def batch_size(batch: dict) -> int:
     return next(t for t in batch.values() if torch.is_tensor(t)).shape[0]
+
+
+def split_output(output):
+    """(logits, aux) of a discriminator's output; aux is None without an auxiliary head."""
+    return output if isinstance(output, tuple) else (output, None)
+
+
+def takes_two_arguments(fn) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 class GanTask(Task):
@@ -58,8 +100,9 @@ class GanTask(Task):
         self.run, self.accelerator, self.device = run, acc, acc.device
         size, n_classes = self._image_size(run.dataset), len(run.class_names)
 
-        self.g_cond = run.components["g_conditioner"].build(role="generator", n_classes=n_classes)
-        self.d_cond = run.components["d_conditioner"].build(role="discriminator", n_classes=n_classes)
+        self.g_cond = run.components["g_conditioner"].build(role="generator", n_classes=n_classes, image_size=size)
+        self.d_cond = run.components["d_conditioner"].build(role="discriminator", n_classes=n_classes,
+                                                            image_size=size)
 
         def backbone(role, conditioner):
             net = run.components[role].build(role=role, image_size=size, n_classes=n_classes, conditioner=conditioner)
@@ -67,9 +110,8 @@ class GanTask(Task):
 
         G, D = backbone("generator", self.g_cond), backbone("discriminator", self.d_cond)
         self.loss = run.components["loss"].build()
-        augment = run.components.get("augment")
-        augment = augment.build(image_size=size) if augment is not None else nn.Identity()
-        self.augment = augment.to(self.device) if isinstance(augment, nn.Module) else augment
+        self.spatial = bool(getattr(self.d_cond, "spatial", False))  # D's cond: maps aligned with the image
+        self.augment = self._build_augment(run.components.get("augment"), run.components["d_conditioner"], size)
 
         opt_g = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=cfg.betas)
         opt_d = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=cfg.betas)
@@ -78,8 +120,20 @@ class GanTask(Task):
         generator = acc.unwrap_model(self.G)
         self.z_dim = generator.z_dim
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-        seeded = torch.Generator().manual_seed(getattr(run.recipe, "seed", 0) or 0)
+        self.seed = getattr(run.recipe, "seed", 0) or 0
+        seeded = torch.Generator().manual_seed(self.seed)
         self.fixed_z = torch.randn(cfg.sample_count, self.z_dim, generator=seeded).to(self.device)
+
+    def _build_augment(self, component, d_component, size):
+        if component is None:
+            return None
+        augment = component.build(image_size=size)
+        if self.spatial and not takes_two_arguments(getattr(augment, "forward", augment)):
+            raise HandforgeError(
+                f"augmentation '{component.name}' takes images only, but d_conditioner '{d_component.name}' "
+                f"gives the discriminator maps aligned with the image: the augmentation must move them too "
+                f"(forward(images, maps) -> (images, maps)); use one that does, or a non-spatial d_conditioner")
+        return augment.to(self.device) if isinstance(augment, nn.Module) else augment
 
     @staticmethod
     def _image_size(dataset) -> int:
@@ -96,6 +150,7 @@ class GanTask(Task):
 
     def train_step(self, batch, step):
         cfg, acc = self.config, self.accelerator
+        logs = {}
         with acc.accumulate(self.G, self.D):
             for i in range(cfg.d_steps):
                 batch = self._to_device(batch if i == 0 else self._next_batch())
@@ -104,25 +159,70 @@ class GanTask(Task):
                 with torch.set_grad_enabled(i == cfg.d_steps - 1):
                     fake = self.G(torch.randn(batch_size(batch), self.z_dim, device=self.device), g_cond)
                 real = batch["image"].contiguous(memory_format=torch.channels_last)
-                real_logits = self.D(self.augment(real), d_cond)
-                fake_logits = self.D(self.augment(fake.detach()), d_cond)
+                real_in, real_cond = self._augment(real, d_cond)
+                fake_in, fake_cond = self._augment(fake.detach(), d_cond)
+                real_logits, real_aux = split_output(self.D(real_in, real_cond))
+                fake_logits, _ = split_output(self.D(fake_in, fake_cond))
                 d_loss = self.loss.d_loss(real_logits, fake_logits)
-                acc.backward(d_loss)
+                d_total = d_loss
+                if real_aux is not None:  # ACGAN / ReACGAN: the auxiliary objective learns from real images
+                    logs["d_aux"] = self.d_cond.d_aux_loss(real_aux, real_cond)
+                    d_total = d_total + logs["d_aux"]
+                penalty = self._d_penalty(real_in, fake_in, real_cond, step * cfg.d_steps + i)
+                if penalty is not None:
+                    logs["d_penalty"] = penalty
+                    d_total = d_total + penalty
+                acc.backward(d_total)
                 self.opt_d.step()
                 self.opt_d.zero_grad(set_to_none=True)
+                self._observe(real_logits)
 
             self.D.requires_grad_(False)
             with self._d_no_sync():
-                g_loss = self.loss.g_loss(self.D(self.augment(fake), d_cond))
-            acc.backward(g_loss)
+                fake_in, fake_cond = self._augment(fake, d_cond)
+                fake_logits_g, fake_aux = split_output(self.D(fake_in, fake_cond))
+                g_loss = self.loss.g_loss(fake_logits_g)
+                g_total = g_loss
+                if fake_aux is not None:
+                    logs["g_aux"] = self.d_cond.g_aux_loss(fake_aux, fake_cond)
+                    g_total = g_total + logs["g_aux"]
+            acc.backward(g_total)
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
             self.D.requires_grad_(True)
 
         if self.ema is not None and acc.sync_gradients:
             self._update_ema(step)
-        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
-                "d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
+        logs.update(d_loss=d_loss, g_loss=g_loss, d_real=real_logits.mean(), d_fake=fake_logits.mean())
+        logs = {name: value.detach() for name, value in logs.items()}
+        log = getattr(self.augment, "log", None)
+        if log is not None:
+            logs.update({name: torch.as_tensor(value, dtype=torch.float32, device=self.device).reshape(())
+                         for name, value in log().items()})
+        return logs
+
+    def _augment(self, images, cond):
+        """(images, cond) as the discriminator sees them."""
+        if self.augment is None:
+            return images, cond
+        if self.spatial:
+            return self.augment(images, cond)
+        return self.augment(images), cond
+
+    def _d_penalty(self, real, fake, cond, d_step):
+        penalty = getattr(self.loss, "d_penalty", None)
+        return None if penalty is None else penalty(self.D, real, fake.detach(), cond, d_step)
+
+    def _observe(self, real_logits):
+        observe = getattr(self.augment, "observe", None)
+        if observe is None:
+            return
+        logits = real_logits.detach()
+        if self.accelerator.num_processes > 1:
+            # One statistic for all processes (as StyleGAN2-ADA): every process then holds the same
+            # augmentation state, and the one the main process checkpoints is everyone's.
+            logits = self.accelerator.gather(logits)
+        observe(logits)
 
     def _d_no_sync(self):
         # D has no gradients in the G step: keep DDP from waiting for them to be reduced.
@@ -150,12 +250,24 @@ class GanTask(Task):
     # -- sampling -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _generate(self, z, batch):
+    def _generate(self, z, batch, rng=None):
+        """Images for noise z and the conditions of ``batch``. ``rng`` (a CPU generator) makes the
+        truncation redraws and standing-statistics noise deterministic; None uses the global RNG."""
+        cfg, cond = self.config, self.g_cond.condition(batch)
         generator = self.ema if self.ema is not None else self.accelerator.unwrap_model(self.G)
+        if cfg.truncation:
+            z = truncate(z, cfg.truncation, rng)
+        if cfg.standing_stats:
+            def noise():
+                if rng is None:
+                    return torch.randn(z.shape, device=self.device)
+                return torch.randn(z.shape, generator=rng).to(self.device)
+
+            generator = standing_statistics(generator, cfg.standing_stats, noise, cond)
         was_training = generator.training
         generator.eval()
         try:
-            return generator(z, self.g_cond.condition(batch)).float().contiguous()
+            return generator(z, cond).float().contiguous()
         finally:
             generator.train(was_training)
 
@@ -164,7 +276,9 @@ class GanTask(Task):
         count = self.config.sample_count
         batch = self._to_device({k: t[:count] if torch.is_tensor(t) else t for k, t in batch.items()})
         n = batch_size(batch) if self.g_cond.fields else count
-        return {"image": self._generate(self.fixed_z[:n], batch)}
+        # A seeded generator keeps the grid a function of the weights alone (truncation, standing stats).
+        rng = torch.Generator().manual_seed(self.seed + 1)
+        return {"image": self._generate(self.fixed_z[:n], batch, rng)}
 
     def generate(self, batch):
         batch = self._to_device(batch)
@@ -173,14 +287,18 @@ class GanTask(Task):
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self):
-        if self.ema is None:
-            return {}
-        return {f"ema.{k}": t.detach().contiguous() for k, t in self.ema.state_dict().items()}
+        state = {}
+        if self.ema is not None:
+            state.update({f"ema.{k}": t for k, t in self.ema.state_dict().items()})
+        if isinstance(self.augment, nn.Module):  # ADA's strength p: resume continues from it
+            state.update({f"augment.{k}": t for k, t in self.augment.state_dict().items()})
+        return {k: t.detach().contiguous() for k, t in state.items()}
 
     def load_state_dict(self, state):
-        ema = {k.removeprefix("ema."): t for k, t in state.items() if k.startswith("ema.")}
-        if self.ema is not None and ema:
-            self.ema.load_state_dict(ema)
+        for prefix, module in (("ema.", self.ema), ("augment.", self.augment)):
+            part = {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}
+            if isinstance(module, nn.Module) and part:
+                module.load_state_dict(part)
 
     def export_modules(self):
         unwrap = self.accelerator.unwrap_model
@@ -200,6 +318,7 @@ def register_tasks(register):
             Slot("g_conditioner", "conditioner", default="none", summary="how conditions enter G"),
             Slot("d_conditioner", "conditioner", default="none", summary="how conditions enter D"),
             Slot("loss", "loss", default="hinge", summary="adversarial loss"),
-            Slot("augment", "augmentation", optional=True, summary="applied to real and fake images before D"),
+            Slot("augment", "augmentation", optional=True,
+                 summary="applied to real and fake images (and spatial condition maps) before D"),
         ),
     )
