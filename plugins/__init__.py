@@ -6,6 +6,8 @@ BUILTIN_MODULES = (
     "handforge.plugins.backbones.deep_conv",
     "handforge.plugins.backbones.resnet",
     "handforge.plugins.backbones.big_resnet",
+    "handforge.plugins.backbones.stylegan2",
+    "handforge.plugins.backbones.stylegan3",
     "handforge.plugins.conditioners.label",
     "handforge.plugins.conditioners.pose",
     "handforge.plugins.conditioners.auxiliary",

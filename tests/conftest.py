@@ -21,6 +21,17 @@ def host():
     return h
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is as fast as two, and stays fast on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run `python -m handforge.cli`-equivalent in a subprocess; returns CompletedProcess."""
     import subprocess

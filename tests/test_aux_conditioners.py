@@ -17,12 +17,7 @@ from handforge.plugins.conditioners.base import BatchNorm
 from handforge.recipe import structure
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dot(a, b):

@@ -1,8 +1,6 @@
 """The resnet (SNGAN) and big_resnet (BigGAN) backbones, and cbn's BigGAN norm with a vector."""
 import math
-import types
 
-import accelerate
 import pytest
 import torch
 import torch.nn as nn
@@ -18,20 +16,13 @@ from handforge.plugins.conditioners import label
 from handforge.plugins.conditioners.base import Conditioner
 from handforge.plugins.conditioners.label import ClassBatchNorm, NoCondition, Projection, VectorBatchNorm
 from handforge.plugins.losses.adversarial import Hinge
-from handforge.plugins.tasks.gan import GanConfig, GanTask
-from handforge.recipe import Component
-from handforge.registry import Entry
-from handforge.task import RunContext
+from handforge.plugins.tasks.gan import GanConfig
+from gan_support import TinyHands, component, gan_run
 
 BUILDERS = {"resnet": (build_resnet, ResNetConfig), "big_resnet": (build_big_resnet, BigResNetConfig)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conditioners(conditional, n_classes=3):
@@ -364,33 +355,12 @@ def test_orthogonal_init():
 # -- a training step through the gan task ---------------------------------------------------------
 
 
-class TinyHands(torch.utils.data.Dataset):
-    class_names = ["fist", "palm", "point"]
-
-    def __init__(self, n=8, size=32):
-        generator = torch.Generator().manual_seed(0)
-        self.images = torch.rand(n, 3, size, size, generator=generator) * 2 - 1
-        self.labels = torch.randint(0, 3, (n,), generator=generator)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "label": self.labels[i]}
-
-
-def component(kind, name, factory, config=None):
-    entry = Entry(kind, name, factory, type(config) if config is not None else None, "test", None, None, "")
-    return Component(name, config, entry, f"model.{name}")
-
-
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_gan_task_step(name):
     torch.manual_seed(0)
-    accelerate.state.AcceleratorState._reset_state(True)
     build, config_cls = BUILDERS[name]
     config = config_cls(ch=4, z_dim=8, **({"attention_resolution": 16} if name == "big_resnet" else {}))
-    dataset = TinyHands()
+    dataset = TinyHands(n=8, size=32)
     components = {
         "generator": component("backbone", name, build, config),
         "discriminator": component("backbone", name, build, config),
@@ -398,11 +368,7 @@ def test_gan_task_step(name):
         "d_conditioner": component("conditioner", "projection", Projection),
         "loss": component("loss", "hinge", Hinge),
     }
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=4))
-    run = RunContext(recipe=types.SimpleNamespace(seed=3), accelerator=accelerate.Accelerator(cpu=True),
-                     run_dir=None, dataset=dataset, components=components, next_batch=lambda: next(batches))
-    task = GanTask(GanConfig(sample_count=4))
-    task.setup(run)
+    task, _, batches = gan_run(components, dataset, GanConfig(sample_count=4), batch_size=4)
     G, D = task.export_modules()["generator"], task.export_modules()["discriminator"]
     g0, d0 = dict(G.named_parameters()), dict(D.named_parameters())
     g0, d0 = ({k: p.detach().clone() for k, p in before.items()} for before in (g0, d0))

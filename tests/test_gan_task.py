@@ -18,12 +18,7 @@ from handforge.plugins.tasks.sampling import truncate
 from test_gan_components import changed, component, make_run, snapshot, unchanged
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loss_component(name, cls, config=None):

@@ -1,8 +1,6 @@
 """Pose conditioners: keypoint heatmaps and limb maps, SPADE (generator), concat (discriminator)."""
 import math
-import types
 
-import accelerate
 import pytest
 import torch
 import torch.nn as nn
@@ -16,18 +14,11 @@ from handforge.plugins.conditioners.pose import (ConcatConditioner, PoseMapsConf
                                                  SpadeConfig)
 from handforge.plugins.conditioners.pose_maps import heatmaps, limb_maps, make_maps, resize_maps
 from handforge.plugins.losses.adversarial import Hinge
-from handforge.plugins.tasks.gan import GanConfig, GanTask
-from handforge.recipe import Component
-from handforge.registry import Entry
-from handforge.task import RunContext
+from handforge.plugins.tasks.gan import GanConfig
+from gan_support import component, gan_run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_keypoints(n, seed=0):
@@ -317,14 +308,7 @@ class TinyPoses(torch.utils.data.Dataset):
         return {"image": self.images[i], "keypoints": self.keypoints[i]}
 
 
-def component(kind, name, factory, config=None):
-    entry = Entry(kind, name, factory, type(config) if config is not None else None, "test", None, None, "")
-    return Component(name, config, entry, f"model.{name}")
-
-
 def make_pose_run(gan_config):
-    accelerate.state.AcceleratorState._reset_state(True)
-    accelerator = accelerate.Accelerator(cpu=True)
     dataset, backbone = TinyPoses(), DeepConvConfig(ch=4, z_dim=8)
     components = {
         "generator": component("backbone", "deep_conv", build_deep_conv, backbone),
@@ -333,11 +317,7 @@ def make_pose_run(gan_config):
         "d_conditioner": component("conditioner", "concat", ConcatConditioner, PoseMapsConfig(maps="both")),
         "loss": component("loss", "hinge", Hinge),
     }
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False))
-    run = RunContext(recipe=types.SimpleNamespace(seed=3), accelerator=accelerator, run_dir=None, dataset=dataset,
-                     components=components, next_batch=lambda: next(batches))
-    task = GanTask(gan_config)
-    task.setup(run)
+    task, _, batches = gan_run(components, dataset, gan_config)
     return task, batches
 
 

@@ -14,13 +14,7 @@ TIPS = [KEYPOINT_NAMES.index(f"{f}4") for f in ("index", "middle", "ring", "pink
 MCPS = [KEYPOINT_NAMES.index(f"{f}1") for f in ("index", "middle", "ring", "pinky")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Rendering a few small batches: one intra-op thread is fast, and stays fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(**options):

@@ -14,12 +14,7 @@ from handforge.plugins.datasets.procedural_hands import backgrounds
 from handforge.plugins.datasets.procedural_hands import raster
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TIP_SLOTS = (2, 5, 8, 11, 14)  # the distal capsule of each digit, before sorting

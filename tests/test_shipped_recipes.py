@@ -1,4 +1,7 @@
 """Every recipe in recipes/ validates as shipped, and runs (shortened) on the built-in dataset."""
+import json
+import math
+
 import pytest
 
 from conftest import REPO, run_cli
@@ -13,9 +16,40 @@ def test_recipe_validates(path, host):
     assert recipe.name == path.stem and recipe.data.name == "procedural_hands"
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_header_says_how_to_run_it(path):
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(line.startswith("# Run:") and f"recipes/{path.name}" in line for line in header), header[:3]
+
+
 def test_unconditional_recipe_runs(tmp_path):
     # quickstart.toml itself runs in test_loop.py (resume) and test_multiprocess.py
     result = run_cli("run", REPO / "recipes" / "gan_unconditional.toml", f"output_dir={tmp_path}",
                      "train.steps=2", "train.batch_size=8", "train.progress=false")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "gan_unconditional" / "samples" / "step_00000002.png").is_file()
+
+
+# Shrunk to 32 px and width 4 (their shipped sizes take seconds per step on a CPU); every other
+# setting (conditioners, augmentation, loss, d_steps, optimiser) runs as shipped.
+SMALL = ["data.size=32", "model.generator.ch=4", "model.discriminator.ch=4"]
+GAN_RECIPES = {
+    "handshape_spade_biggan": SMALL + ["model.g_conditioner.hidden=8"],
+    "handshape_reacgan": SMALL,
+    "palm_wgangp": SMALL,
+    "handshape_stylegan2_ada": SMALL + ["model.generator.ch_max=16", "model.discriminator.ch_max=16"],
+    "handshape_stylegan3": SMALL + ["model.generator.ch_max=16", "model.discriminator.ch_max=16",
+                                    "model.generator.num_layers=4"],
+}
+
+
+@pytest.mark.slow
+def test_gan_recipes_run_shortened(tmp_path):
+    for name, overrides in GAN_RECIPES.items():
+        result = run_cli("run", REPO / "recipes" / f"{name}.toml", f"output_dir={tmp_path}", "train.steps=2",
+                         "train.batch_size=4", "train.progress=false", *overrides)
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+        run_dir = tmp_path / name
+        assert (run_dir / "samples" / "step_00000002.png").is_file(), name
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["step"] == 2 and all(math.isfinite(last[k]) for k in ("d_loss", "g_loss")), (name, last)

@@ -11,6 +11,12 @@ Slots (filled under ``[model.<slot>]`` of a recipe):
 - ``loss``: ``d_loss(real_logits, fake_logits)``, ``g_loss(fake_logits)`` and optionally
   ``d_penalty(D, real, fake, cond, step)`` (R1, gradient penalty), added to the D loss in every D
   step it returns a tensor for, on the images D saw; ``step`` is ``iteration * d_steps + i``;
+- the generator may regularise itself: when it has ``g_penalty(z, cond, step) -> tensor | None``
+  (StyleGAN2's path length regularisation), the task calls it in every G step with fresh noise
+  ``z`` (N, z_dim), the conditions of the fakes and the iteration ``step``, and adds what it returns
+  to the G loss (None: nothing this step, e.g. a lazy regulariser off its interval). It is called
+  on the unwrapped generator: its graph joins the G loss's, whose one backward lets DDP reduce
+  every gradient once, as for ``d_penalty``;
 - ``augment`` (optional): an nn.Module applied to real and fake images before the discriminator
   (DiffAugment / ADA style), built with ``image_size``. With a spatial ``d_conditioner`` (maps
   aligned with the image) it is called as ``augment(images, maps) -> (images, maps)`` so that
@@ -21,11 +27,15 @@ Slots (filled under ``[model.<slot>]`` of a recipe):
 One iteration (one ``train_step``) is ``d_steps`` discriminator updates, then one generator
 update, all inside one ``accelerator.accumulate`` block. Fake images take the conditions of the
 real batch they are compared with. Logged: ``d_loss`` and ``g_loss`` (the adversarial terms
-alone), ``d_real``, ``d_fake`` (mean logits), and when present ``d_penalty``, ``d_aux``, ``g_aux``
-and the augmentation's values.
+alone), ``d_real``, ``d_fake`` (mean logits), and when present ``d_penalty``, ``g_penalty``,
+``d_aux``, ``g_aux`` and the augmentation's values.
 
-Sampling (``sample``, ``generate``) uses the EMA generator, optionally with BigGAN's truncation
-trick and standing statistics (see :mod:`handforge.plugins.tasks.sampling`).
+Sampling (``sample``, ``generate``) uses the EMA generator, optionally with the truncation trick
+and standing statistics (see :mod:`handforge.plugins.tasks.sampling`). Truncation is BigGAN's
+(latent entries redrawn) unless the generator declares ``truncation = "w"`` (``stylegan2``): then
+the option is StyleGAN's psi, passed as ``generator(z, cond, psi=...)``, and z is left alone. A
+generator whose forward takes ``rng`` gets the task's seeded CPU generator in sample grids, for
+its own random draws (StyleGAN2's noise inputs): the grid stays a function of the weights alone.
 """
 import contextlib
 import copy
@@ -62,7 +72,9 @@ class GanConfig:
     ema_start: int = attrs.field(default=0, validator=v.ge(0))
     sample_count: int = attrs.field(default=64, validator=v.ge(1))  # images per sample grid
     truncation: float = attrs.field(default=0.0, validator=[v.ge(0.0), _truncation], metadata={
-        "help": "sampling only: redraw latent entries with |z| above this (BigGAN's truncation trick); 0 = off"})
+        "help": "sampling only: the truncation trick; 0 = off. BigGAN's: latent entries with |z| above this "
+                "are redrawn; for generators that declare truncation = \"w\" (stylegan2) StyleGAN's psi: "
+                "w is pulled to the average w, w_avg + psi (w - w_avg) (0.5-0.7 typical)"})
     standing_stats: int = attrs.field(default=0, validator=v.ge(0), metadata={
         "help": "sampling only: recompute the generator's BatchNorm statistics over this many batches "
                 "of its own samples first (BigGAN); 0 = off. For BatchNorm generators whose eval-mode "
@@ -76,6 +88,13 @@ def batch_size(batch: dict) -> int:
 def split_output(output):
     """(logits, aux) of a discriminator's output; aux is None without an auxiliary head."""
     return output if isinstance(output, tuple) else (output, None)
+
+
+def takes_keyword(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: the base contract, forward(z, cond)
+        return False
 
 
 def takes_two_arguments(fn) -> bool:
@@ -186,6 +205,10 @@ class GanTask(Task):
                 if fake_aux is not None:
                     logs["g_aux"] = self.d_cond.g_aux_loss(fake_aux, fake_cond)
                     g_total = g_total + logs["g_aux"]
+            g_penalty = self._g_penalty(fake.shape[0], g_cond, step)
+            if g_penalty is not None:
+                logs["g_penalty"] = g_penalty
+                g_total = g_total + g_penalty
             acc.backward(g_total)
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
@@ -212,6 +235,12 @@ class GanTask(Task):
     def _d_penalty(self, real, fake, cond, d_step):
         penalty = getattr(self.loss, "d_penalty", None)
         return None if penalty is None else penalty(self.D, real, fake.detach(), cond, d_step)
+
+    def _g_penalty(self, n, cond, step):
+        penalty = getattr(self.accelerator.unwrap_model(self.G), "g_penalty", None)
+        if penalty is None:
+            return None
+        return penalty(torch.randn(n, self.z_dim, device=self.device), cond, step)
 
     def _observe(self, real_logits):
         observe = getattr(self.augment, "observe", None)
@@ -255,8 +284,14 @@ class GanTask(Task):
         truncation redraws and standing-statistics noise deterministic; None uses the global RNG."""
         cfg, cond = self.config, self.g_cond.condition(batch)
         generator = self.ema if self.ema is not None else self.accelerator.unwrap_model(self.G)
-        if cfg.truncation:
+        options = {}
+        if getattr(generator, "truncation", None) == "w":
+            if cfg.truncation:
+                options["psi"] = cfg.truncation
+        elif cfg.truncation:
             z = truncate(z, cfg.truncation, rng)
+        if rng is not None and takes_keyword(generator.forward, "rng"):
+            options["rng"] = rng
         if cfg.standing_stats:
             def noise():
                 if rng is None:
@@ -267,7 +302,7 @@ class GanTask(Task):
         was_training = generator.training
         generator.eval()
         try:
-            return generator(z, cond).float().contiguous()
+            return generator(z, cond, **options).float().contiguous()
         finally:
             generator.train(was_training)
 
