@@ -82,3 +82,39 @@ def changed(before, module):
 
 def unchanged(before, module):
     return all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_net(build, config, role: str, size: int = 32, conditioner=None):
+    """A backbone's ``role`` network at ``size`` px, with ``conditioner`` (default: none)."""
+    conditioner = conditioner or NoCondition(role=role)
+    return build(config, role=role, image_size=size, conditioner=conditioner,
+                 n_classes=getattr(conditioner, "n_classes", 0))
+
+
+def pair_components(name: str, build, config, g_conditioner, d_conditioner, loss) -> dict:
+    """Slot Components for a GanTask with one backbone for both networks; the conditioners and the
+    loss as (name, factory) pairs."""
+    return {
+        "generator": component("backbone", name, build, config),
+        "discriminator": component("backbone", name, build, config),
+        "g_conditioner": component("conditioner", *g_conditioner),
+        "d_conditioner": component("conditioner", *d_conditioner),
+        "loss": component("loss", *loss),
+    }
+
+
+def check_style_outputs(G, D, size: int, labels=None) -> None:
+    """What every StyleGAN pair shows: a linear, channels_last output in training, images in [-1, 1]
+    in eval, and one finite logit per image from D."""
+    x = G(torch.randn(4, G.z_dim), labels)
+    assert x.shape == (4, 3, size, size) and torch.isfinite(x).all() and x.std() > 0
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    G.eval()
+    x = G(torch.randn(4, G.z_dim), labels)
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0
+    logits = D(x, labels)
+    assert logits.shape == (4,) and torch.isfinite(logits).all()

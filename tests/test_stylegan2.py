@@ -1,7 +1,6 @@
 """The stylegan2 backbone (Karras et al. 2020) and the gan task's hooks for it: psi truncation,
 noise rng in sample grids, the generator-side penalty (path length regularisation)."""
 import math
-import types
 
 import accelerate
 import pytest
@@ -18,9 +17,8 @@ from handforge.plugins.conditioners.auxiliary import LatentLabel
 from handforge.plugins.conditioners.label import ClassBatchNorm, NoCondition, Projection
 from handforge.plugins.conditioners.pose import ConcatConditioner, SpadeConditioner
 from handforge.plugins.losses.adversarial import Logistic
-from handforge.plugins.tasks.gan import GanConfig, GanTask
-from handforge.task import RunContext
-from test_gan_components import TinyHands, component, snapshot
+from handforge.plugins.tasks.gan import GanConfig
+from gan_support import TinyHands, build_net, check_style_outputs, gan_run, pair_components, parameter_count, snapshot
 
 SMALL = dict(ch=4, ch_max=16, z_dim=16, w_dim=16, mapping_layers=2)
 
@@ -29,23 +27,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generator(size=32, conditioner=None, **options):
-    conditioner = conditioner or NoCondition(role="generator")
-    return build_stylegan2(StyleGan2Config(**{**SMALL, **options}), role="generator", image_size=size,
-                           conditioner=conditioner, n_classes=getattr(conditioner, "n_classes", 0))
+    return build_net(build_stylegan2, StyleGan2Config(**{**SMALL, **options}), "generator", size, conditioner)
 
 
 def discriminator(size=32, conditioner=None, **options):
-    conditioner = conditioner or NoCondition(role="discriminator")
-    return build_stylegan2(StyleGan2Config(**{**SMALL, **options}), role="discriminator", image_size=size,
-                           conditioner=conditioner)
+    return build_net(build_stylegan2, StyleGan2Config(**{**SMALL, **options}), "discriminator", size, conditioner)
 
 
 def cadain(n_classes=3):
     return LatentLabel(role="generator", n_classes=n_classes)
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 def set_noise_strength(G, value):
@@ -63,15 +53,7 @@ def check_shapes(size, conditional, **options):
     g_cond = cadain() if conditional else None
     d_cond = Projection(role="discriminator", n_classes=3) if conditional else None
     G, D = generator(size, g_cond, **options), discriminator(size, d_cond, **options)
-    y = torch.tensor([0, 2, 1, 1]) if conditional else None
-    x = G(torch.randn(4, G.z_dim), y)  # training mode: linear output
-    assert x.shape == (4, 3, size, size) and torch.isfinite(x).all() and x.std() > 0
-    assert x.is_contiguous(memory_format=torch.channels_last)
-    G.eval()
-    x = G(torch.randn(4, G.z_dim), y)
-    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0  # samples are images
-    logits = D(x, y)
-    assert logits.shape == (4,) and torch.isfinite(logits).all()
+    check_style_outputs(G, D, size, torch.tensor([0, 2, 1, 1]) if conditional else None)
     blocks = int(math.log2(size // 4))
     assert len(G.blocks) == len(D.blocks) == blocks and G.num_ws == 2 * int(math.log2(size)) - 2
 
@@ -132,12 +114,12 @@ def test_parameter_counts_follow_stylegan2_layers(conditional):
     g_cond = cadain(5) if conditional else None
     d_cond = Projection(role="discriminator", n_classes=5) if conditional else None
     G, D = generator(64, g_cond, **options), discriminator(64, d_cond, **options)
-    assert (count(G), count(D)) == stylegan2_counts(64, **options, n_classes=5 if conditional else 0)
+    assert (parameter_count(G), parameter_count(D)) == stylegan2_counts(64, **options, n_classes=5 if conditional else 0)
 
 
 def test_default_parameter_counts_at_64():
     G, D = generator(64, **{k: getattr(StyleGan2Config(), k) for k in SMALL}), discriminator(64, ch=64, ch_max=512)
-    assert (count(G), count(D)) == stylegan2_counts(64, 64, 512, 512, 512, 8) == (13_749_208, 14_037_569)
+    assert (parameter_count(G), parameter_count(D)) == stylegan2_counts(64, 64, 512, 512, 512, 8) == (13_749_208, 14_037_569)
 
 
 # -- filters and layers against independent references ---------------------------------------------
@@ -383,22 +365,10 @@ def test_mbstd_features_must_divide_the_width():
 
 
 def make_run(gan_config=None, **options):
-    accelerate.state.AcceleratorState._reset_state(True)
     config = StyleGan2Config(**{**SMALL, **options})
-    dataset = TinyHands(n=32, size=32)
-    components = {
-        "generator": component("backbone", "stylegan2", build_stylegan2, config),
-        "discriminator": component("backbone", "stylegan2", build_stylegan2, config),
-        "g_conditioner": component("conditioner", "cadain", LatentLabel),
-        "d_conditioner": component("conditioner", "projection", Projection),
-        "loss": component("loss", "logistic", Logistic),
-    }
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=8))
-    run = RunContext(recipe=types.SimpleNamespace(seed=3), accelerator=accelerate.Accelerator(cpu=True),
-                     run_dir=None, dataset=dataset, components=components, next_batch=lambda: next(batches))
-    task = GanTask(gan_config or GanConfig(sample_count=4))
-    task.setup(run)
-    return task, run, batches
+    components = pair_components("stylegan2", build_stylegan2, config, ("cadain", LatentLabel), ("projection", Projection),
+                                 ("logistic", Logistic))
+    return gan_run(components, TinyHands(n=32, size=32), gan_config or GanConfig(sample_count=4))
 
 
 def test_gan_task_steps_with_logistic_r1_and_path_length():

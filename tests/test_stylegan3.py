@@ -19,7 +19,7 @@ from handforge.plugins.conditioners.pose import SpadeConditioner
 from handforge.plugins.losses.adversarial import Logistic
 from handforge.plugins.tasks.gan import GanConfig
 
-from gan_support import TinyHands, component, gan_run, snapshot
+from gan_support import TinyHands, build_net, check_style_outputs, gan_run, pair_components, parameter_count, snapshot
 
 SMALL = dict(ch=4, ch_max=16, z_dim=16, w_dim=16, mapping_layers=2, num_layers=6)
 
@@ -27,19 +27,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generator(size=32, conditioner=None, **options):
-    conditioner = conditioner or NoCondition(role="generator")
-    return build_stylegan3(StyleGan3Config(**{**SMALL, **options}), role="generator", image_size=size,
-                           conditioner=conditioner, n_classes=getattr(conditioner, "n_classes", 0))
+    return build_net(build_stylegan3, StyleGan3Config(**{**SMALL, **options}), "generator", size, conditioner)
 
 
 def discriminator(size=32, conditioner=None, **options):
-    conditioner = conditioner or NoCondition(role="discriminator")
-    return build_stylegan3(StyleGan3Config(**{**SMALL, **options}), role="discriminator", image_size=size,
-                           conditioner=conditioner)
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
+    return build_net(build_stylegan3, StyleGan3Config(**{**SMALL, **options}), "discriminator", size, conditioner)
 
 
 # -- shapes -------------------------------------------------------------------------------------
@@ -50,15 +42,7 @@ def check_shapes(size, conditional, **options):
     g_cond = LatentLabel(role="generator", n_classes=3) if conditional else None
     d_cond = Projection(role="discriminator", n_classes=3) if conditional else None
     G, D = generator(size, g_cond, **options), discriminator(size, d_cond, **options)
-    y = torch.tensor([0, 2, 1, 1]) if conditional else None
-    x = G(torch.randn(4, G.z_dim), y)  # training mode: linear output
-    assert x.shape == (4, 3, size, size) and torch.isfinite(x).all() and x.std() > 0
-    assert x.is_contiguous(memory_format=torch.channels_last)
-    G.eval()
-    x = G(torch.randn(4, G.z_dim), y)
-    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0  # samples are images
-    logits = D(x, y)
-    assert logits.shape == (4,) and torch.isfinite(logits).all()
+    check_style_outputs(G, D, size, torch.tensor([0, 2, 1, 1]) if conditional else None)
     assert len(G.layers) == G.config.num_layers + 1 and G.num_ws == G.config.num_layers + 2
 
 
@@ -127,7 +111,7 @@ def test_config_r_doubles_the_generator_widths_only():
     t, r = generator(64, variant="t"), generator(64, variant="r")  # ch 4, ch_max 16
     assert r.schedule == schedule(64, 6, 2, 10, 8, 32) and t.schedule == schedule(64, 6, 2, 10, 4, 16)
     assert all(layer.kernel == 1 for layer in r.layers) and [layer.kernel for layer in t.layers] == [3] * 6 + [1]
-    assert count(discriminator(64, variant="r")) == count(discriminator(64, variant="t"))
+    assert parameter_count(discriminator(64, variant="r")) == parameter_count(discriminator(64, variant="t"))
 
 
 @pytest.mark.parametrize("size, num_layers", [(32, 6), (64, 14), (128, 10)])
@@ -353,8 +337,8 @@ def stylegan3_count(size, ch, ch_max, z_dim, w_dim, mapping_layers, num_layers, 
 
 
 def test_parameter_counts():
-    assert count(generator(32)) == stylegan3_count(32, **{**SMALL})
-    assert count(generator(64, variant="r")) == stylegan3_count(64, **{**SMALL, "ch": 8, "ch_max": 32}, kernel=1)
+    assert parameter_count(generator(32)) == stylegan3_count(32, **{**SMALL})
+    assert parameter_count(generator(64, variant="r")) == stylegan3_count(64, **{**SMALL, "ch": 8, "ch_max": 32}, kernel=1)
 
 
 def test_default_parameter_counts_at_64():
@@ -362,12 +346,12 @@ def test_default_parameter_counts_at_64():
     with torch.device("meta"):
         G = build_stylegan3(None, role="generator", image_size=64, conditioner=NoCondition(role="generator"))
         D = build_stylegan3(None, role="discriminator", image_size=64, conditioner=NoCondition(role="discriminator"))
-    assert count(G) == stylegan3_count(64, 64, 512, 512, 512, 2, 14) == 17_479_242
-    assert count(D) == 14_037_569  # StyleGAN2's discriminator with the same ch and ch_max
+    assert parameter_count(G) == stylegan3_count(64, 64, 512, 512, 512, 2, 14) == 17_479_242
+    assert parameter_count(D) == 14_037_569  # StyleGAN2's discriminator with the same ch and ch_max
     with torch.device("meta"):
         D2 = build_stylegan2(StyleGan2Config(), role="discriminator", image_size=64,
                              conditioner=NoCondition(role="discriminator"))
-    assert count(D2) == count(D)
+    assert parameter_count(D2) == parameter_count(D)
 
 
 def test_discriminator_is_stylegan2s():
@@ -448,13 +432,8 @@ def test_config_r_is_equivariant_to_quarter_turns_and_config_t_is_not():
 
 def make_run(gan_config=None, **options):
     config = StyleGan3Config(**{**SMALL, **options})
-    components = {
-        "generator": component("backbone", "stylegan3", build_stylegan3, config),
-        "discriminator": component("backbone", "stylegan3", build_stylegan3, config),
-        "g_conditioner": component("conditioner", "cadain", LatentLabel),
-        "d_conditioner": component("conditioner", "projection", Projection),
-        "loss": component("loss", "logistic", Logistic),
-    }
+    components = pair_components("stylegan3", build_stylegan3, config, ("cadain", LatentLabel), ("projection", Projection),
+                                 ("logistic", Logistic))
     return gan_run(components, TinyHands(n=32, size=32), gan_config or GanConfig(sample_count=4))
 
 

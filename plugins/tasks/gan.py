@@ -53,6 +53,16 @@ from handforge.task import Slot, Task
 from .sampling import standing_statistics, truncate
 
 
+def add_terms(total, logs: dict, **terms):
+    """``total`` plus every term that is not None (auxiliary losses, penalties off their lazy
+    interval are None), each also logged under its name."""
+    for name, value in terms.items():
+        if value is not None:
+            logs[name] = value
+            total = total + value
+    return total
+
+
 def _truncation(instance, attribute, value):
     # Rejection redraws of n entries take about ln(n) / P(|z| <= t) rounds: below t = 0.01, thousands.
     if value != 0 and value < 0.01:
@@ -183,14 +193,10 @@ class GanTask(Task):
                 real_logits, real_aux = split_output(self.D(real_in, real_cond))
                 fake_logits, _ = split_output(self.D(fake_in, fake_cond))
                 d_loss = self.loss.d_loss(real_logits, fake_logits)
-                d_total = d_loss
-                if real_aux is not None:  # ACGAN / ReACGAN: the auxiliary objective learns from real images
-                    logs["d_aux"] = self.d_cond.d_aux_loss(real_aux, real_cond)
-                    d_total = d_total + logs["d_aux"]
-                penalty = self._d_penalty(real_in, fake_in, real_cond, step * cfg.d_steps + i)
-                if penalty is not None:
-                    logs["d_penalty"] = penalty
-                    d_total = d_total + penalty
+                # ACGAN / ReACGAN: the auxiliary objective learns from real images.
+                d_aux = self.d_cond.d_aux_loss(real_aux, real_cond) if real_aux is not None else None
+                d_total = add_terms(d_loss, logs, d_aux=d_aux, d_penalty=self._d_penalty(
+                    real_in, fake_in, real_cond, step * cfg.d_steps + i))
                 acc.backward(d_total)
                 self.opt_d.step()
                 self.opt_d.zero_grad(set_to_none=True)
@@ -201,14 +207,8 @@ class GanTask(Task):
                 fake_in, fake_cond = self._augment(fake, d_cond)
                 fake_logits_g, fake_aux = split_output(self.D(fake_in, fake_cond))
                 g_loss = self.loss.g_loss(fake_logits_g)
-                g_total = g_loss
-                if fake_aux is not None:
-                    logs["g_aux"] = self.d_cond.g_aux_loss(fake_aux, fake_cond)
-                    g_total = g_total + logs["g_aux"]
-            g_penalty = self._g_penalty(fake.shape[0], g_cond, step)
-            if g_penalty is not None:
-                logs["g_penalty"] = g_penalty
-                g_total = g_total + g_penalty
+                g_aux = self.d_cond.g_aux_loss(fake_aux, fake_cond) if fake_aux is not None else None
+            g_total = add_terms(g_loss, logs, g_aux=g_aux, g_penalty=self._g_penalty(fake.shape[0], g_cond, step))
             acc.backward(g_total)
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
