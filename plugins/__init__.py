@@ -15,4 +15,5 @@ BUILTIN_MODULES = (
     "handforge.plugins.augmentations.ada",
     "handforge.plugins.losses.adversarial",
     "handforge.plugins.tasks.gan",
+    "handforge.plugins.metrics",
 )

@@ -1,0 +1,24 @@
+"""Metrics: FID, IS, PRDC, CAS and their feature extractors.
+
+The metric components live in :mod:`.components`, the math in :mod:`.frechet`, :mod:`.prdc` and
+:mod:`.inception_score`, the feature extractors in :mod:`.extractors`, the judge classifier in
+:mod:`.judge_classifier`, and the ``evaluate``, ``fit-judge`` and ``weights`` commands in
+:mod:`.commands`. This module registers them through the same hooks a third-party plugin uses.
+"""
+from handforge import hookimpl
+
+
+@hookimpl
+def register_metrics(register):
+    from .components import METRICS
+
+    for name, (factory, config, needs) in METRICS.items():
+        register(name, factory, config=config, needs=needs)
+
+
+@hookimpl
+def register_commands(cli):
+    from .commands import add_commands
+
+    add_commands(cli)
+
