@@ -30,7 +30,7 @@ from .prdc import prdc
 
 GPU_NUM_SAMPLES = 10_000
 # Images per side on a CPU, per extractor, for an evaluation under a tenth of the quickstart's
-# ~290 s of training on 2 cores: 200 through the FID Inception take ~15 s (27 s the first time,
+# ~270 s of training on 2 cores: 200 through the FID Inception take ~15 s (27 s the first time,
 # with the real images), 2000 through the judge ~5 s. The README's Metrics section has the table.
 CPU_NUM_SAMPLES = {"inception_fid": 200, "hand_features": 2000}
 CPU_NUM_SAMPLES_OTHER = 1000
