@@ -2,7 +2,7 @@
 
 Order of a run: seed -> dataset -> task.setup (models built identically on every process) ->
 per-process seed -> resume -> on_run_start -> steps (log, sample, eval, checkpoint on their
-schedules) -> final sample/eval/checkpoint, weights export -> on_run_end.
+schedules) -> final sample/eval/checkpoint, weights export, task.finish -> on_run_end.
 """
 import json
 import math
@@ -155,6 +155,7 @@ class Trainer:
                          components=dict(recipe.model), hooks=self.hooks)
         run.task = recipe.task.build()
         run.task.setup(run)
+        dataset = run.dataset  # a task may narrow what it trains on in setup (a budget of real images)
         self.metrics = [m.build() for m in recipe.metrics]
         set_seed(recipe.seed, device_specific=True)  # different noise and augmentation per process
 
@@ -223,6 +224,10 @@ class Trainer:
         if acc.is_main_process:
             for name, module in run.task.export_modules().items():
                 save_weights(module, self.run_dir / "weights" / f"{name}.safetensors")
+        acc.wait_for_everyone()
+        closing = run.task.finish()
+        if closing:
+            log.write({"step": run.step, "type": "final", **closing}, run.step)
         acc.wait_for_everyone()
         return last_checkpoint
 

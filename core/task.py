@@ -33,7 +33,8 @@ class Task:
     ``setup(run)`` once (build components, optimizers, ``run.accelerator.prepare`` them);
     ``load_state_dict`` when resuming; ``train_step(batch, step)`` per step (inside it, one
     ``accelerator.accumulate(...)`` block for the whole iteration); ``sample(batch)`` for sample
-    grids; ``state_dict()`` at each checkpoint; ``export_modules()`` for the final weights.
+    grids; ``state_dict()`` at each checkpoint; ``export_modules()`` for the final weights;
+    ``finish()`` once at the end.
     """
 
     def setup(self, run: "RunContext") -> None:
@@ -64,6 +65,13 @@ class Task:
     def export_modules(self) -> dict[str, torch.nn.Module]:
         """Modules whose final weights are exported as ``weights/<name>.safetensors``."""
         return {}
+
+    def finish(self) -> dict | None:
+        """Called once on every process when the last step is done, after the final checkpoint and
+        the weights export: a task's own closing evaluation (a classifier's test-set report). What
+        it returns is logged to ``metrics.jsonl`` as one record (``"type": "final"`` unless it
+        names its own); it writes any files on the main process only. None: nothing to log."""
+        return None
 
 
 @attrs.define(eq=False)

@@ -8,6 +8,7 @@ BUILTIN_MODULES = (
     "handforge.plugins.backbones.big_resnet",
     "handforge.plugins.backbones.stylegan2",
     "handforge.plugins.backbones.stylegan3",
+    "handforge.plugins.backbones.classifiers",
     "handforge.plugins.conditioners.label",
     "handforge.plugins.conditioners.pose",
     "handforge.plugins.conditioners.auxiliary",
@@ -15,5 +16,7 @@ BUILTIN_MODULES = (
     "handforge.plugins.augmentations.ada",
     "handforge.plugins.losses.adversarial",
     "handforge.plugins.tasks.gan",
+    "handforge.plugins.tasks.classifier",
     "handforge.plugins.metrics",
+    "handforge.plugins.export",
 )

@@ -39,3 +39,18 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([PYTHON, str(REPO / "run.py"), *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def debug_launch_in_fresh_python(module: str, function: str, timeout=600):
+    """``accelerate.debug_launcher(module.function, num_processes=2)`` from a new interpreter.
+
+    debug_launcher forks; a fork of this pytest process, whose OpenMP thread pool earlier tests
+    have used, can hang in the children's first parallel region. A fresh interpreter has not
+    started that pool, so its forks are safe."""
+    import subprocess
+
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import accelerate, {module}; "
+            f"accelerate.debug_launcher({module}.{function}, num_processes=2)")
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -2,7 +2,6 @@
 truncation and standing statistics (the basic step, EMA and sampling: test_gan_components.py)."""
 import math
 
-import accelerate
 import pytest
 import torch
 import torch.nn as nn
@@ -16,6 +15,7 @@ from handforge.plugins.losses.adversarial import (Hinge, Logistic, NonSaturating
 from handforge.plugins.tasks.gan import GanConfig
 from handforge.plugins.tasks.sampling import truncate
 from test_gan_components import changed, component, make_run, snapshot, unchanged
+from conftest import debug_launch_in_fresh_python
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -349,4 +349,4 @@ def _two_process_step():
 
 @pytest.mark.slow
 def test_penalties_under_ddp_in_two_processes():
-    accelerate.debug_launcher(_two_process_step, num_processes=2)
+    debug_launch_in_fresh_python("test_gan_task", "_two_process_step")

@@ -2,7 +2,6 @@
 noise rng in sample grids, the generator-side penalty (path length regularisation)."""
 import math
 
-import accelerate
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +18,7 @@ from handforge.plugins.conditioners.pose import ConcatConditioner, SpadeConditio
 from handforge.plugins.losses.adversarial import Logistic
 from handforge.plugins.tasks.gan import GanConfig
 from gan_support import TinyHands, build_net, check_style_outputs, gan_run, pair_components, parameter_count, snapshot
+from conftest import debug_launch_in_fresh_python
 
 SMALL = dict(ch=4, ch_max=16, z_dim=16, w_dim=16, mapping_layers=2)
 
@@ -445,4 +445,4 @@ def _two_process_step():
 
 @pytest.mark.slow
 def test_path_length_under_ddp_in_two_processes():
-    accelerate.debug_launcher(_two_process_step, num_processes=2)
+    debug_launch_in_fresh_python("test_stylegan2", "_two_process_step")

@@ -35,10 +35,10 @@ from PIL import Image, UnidentifiedImageError
 from handforge.data import collate
 from handforge.errors import DataError, HandforgeError
 from handforge.imaging import to_uint8
+from handforge.runs import WEIGHTS_FOLDER, load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DATASET_PREFIX = "dataset:"
-WEIGHTS_FOLDER = "weights"
 
 
 @attrs.frozen
@@ -293,45 +293,6 @@ class DatasetSource(Source):
 
 def is_run_dir(path: pathlib.Path) -> bool:
     return (path / "recipe.toml").is_file() and (path / WEIGHTS_FOLDER).is_dir()
-
-
-def load_run(run_dir, split: str = "val", device=None, host=None):
-    """Rebuild a finished run's task from its resolved recipe and load its exported weights.
-
-    Returns the :class:`handforge.task.RunContext` (its ``dataset`` is the ``split`` split).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from safetensors.torch import load_model
-
-    from handforge.recipe import load_recipe
-    from handforge.task import RunContext
-
-    run_dir = pathlib.Path(run_dir)
-    recipe = load_recipe(run_dir / "recipe.toml", host=host)
-    accelerator = Accelerator(cpu=(device is not None and torch.device(device).type == "cpu"))
-    set_seed(recipe.seed)  # as the loop does; the loaded weights replace the initial ones anyway
-    dataset = recipe.data.build(split=split)
-    run = RunContext(recipe=recipe, accelerator=accelerator, run_dir=run_dir, dataset=dataset,
-                     components=dict(recipe.model))
-    run.task = recipe.task.build()
-    run.task.setup(run)
-    loaded = []
-    for name, module in run.task.export_modules().items():
-        file = run_dir / WEIGHTS_FOLDER / f"{name}.safetensors"
-        if not file.is_file():
-            continue
-        try:
-            load_model(module, str(file), strict=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged file or another architecture
-            raise HandforgeError(f"{file}: cannot load into the run's '{name}' module "
-                                 f"({type(exc).__name__}: {exc})") from exc
-        loaded.append(name)
-    if not loaded:
-        wanted = ", ".join(f"{n}.safetensors" for n in run.task.export_modules())
-        raise HandforgeError(f"{run_dir / WEIGHTS_FOLDER}: none of the task's weight files ({wanted}); "
-                             f"did the run finish?")
-    return run
 
 
 class RunSource(Source):

@@ -52,6 +52,15 @@ INCEPTION_FID = WeightSpec(
 
 WEIGHTS: dict[str, WeightSpec] = {INCEPTION_FID.name: INCEPTION_FID}
 
+
+def register_weight_file(spec: WeightSpec) -> WeightSpec:
+    """Make ``spec`` known to ``handforge weights fetch/list`` (another plugin's pretrained file)."""
+    known = WEIGHTS.get(spec.name)
+    if known is not None and known != spec:
+        raise HandforgeError(f"weight file '{spec.name}' is registered twice, differently")
+    WEIGHTS[spec.name] = spec
+    return spec
+
 # Hashing ~90 MB takes a noticeable fraction of a second; a file is hashed once per process
 # unless it changes (same path, size and modification time means the same file).
 _sha1_cache: dict[tuple[str, int, int], str] = {}

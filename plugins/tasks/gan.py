@@ -315,9 +315,35 @@ class GanTask(Task):
         rng = torch.Generator().manual_seed(self.seed + 1)
         return {"image": self._generate(self.fixed_z[:n], batch, rng)}
 
-    def generate(self, batch):
+    @property
+    def condition_fields(self) -> tuple:
+        """The sample fields ``generate`` reads (the generator's conditioner's)."""
+        return tuple(self.g_cond.fields)
+
+    def generate(self, batch, seeds=None):
+        """Images for the conditions in ``batch``. With ``seeds`` ((N,) integers) image i's noise
+        (and its truncation redraws) come from a generator seeded with ``seeds[i]`` alone; the draws a
+        whole batch shares (a generator's own noise inputs, standing statistics) from one seeded with
+        ``seeds[0]``. Without, everything comes from the global RNG."""
         batch = self._to_device(batch)
-        return self._generate(torch.randn(batch_size(batch), self.z_dim, device=self.device), batch)
+        if seeds is None:
+            return self._generate(torch.randn(batch_size(batch), self.z_dim, device=self.device), batch)
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != batch_size(batch):
+            raise HandforgeError(f"task 'gan': {len(seeds)} seeds for a batch of {batch_size(batch)} conditions")
+        rows = []
+        for seed in seeds:
+            rng = torch.Generator().manual_seed(seed)
+            z = torch.randn(1, self.z_dim, generator=rng)
+            if self.config.truncation and getattr(self._sampling_generator(), "truncation", None) != "w":
+                # Truncated here, per image: _generate's own truncation keeps entries already within.
+                z = truncate(z, self.config.truncation, rng)
+            rows.append(z)
+        z = torch.cat(rows).to(self.device)
+        return self._generate(z, batch, torch.Generator().manual_seed(seeds[0]))
+
+    def _sampling_generator(self):
+        return self.ema if self.ema is not None else self.accelerator.unwrap_model(self.G)
 
     # -- state --------------------------------------------------------------------------------
 
