@@ -1,4 +1,5 @@
-"""Atomic file writes: readers see the old file or the new one, never half of one."""
+"""Atomic file writes (readers see the old file or the new one, never half of one) and file hashes."""
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -27,3 +28,16 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def update_digest(digest, path, chunk_size: int = 1 << 20):
+    """Feed a file's bytes into a hashlib ``digest`` in chunks (large weight files stay out of memory)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest
+
+
+def file_hash(path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's contents."""
+    return update_digest(hashlib.new(algorithm), path).hexdigest()

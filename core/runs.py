@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import STEP_PREFIX, TRAIN_STATE, CheckpointManager
 from .errors import HandforgeError
+from .fileio import update_digest
 
 WEIGHTS_FOLDER = "weights"
 CHECKPOINT_CHOICES = ("weights", "last", "best")
@@ -58,9 +59,7 @@ def folder_sha256(folder) -> str:
         if any(part.startswith(".") for part in relative.parts):
             continue
         digest.update(relative.as_posix().encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        update_digest(digest, file)
     return digest.hexdigest()
 
 

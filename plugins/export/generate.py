@@ -20,7 +20,6 @@ continues an interrupted export (the settings must match the manifest's). Under
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import io
 import os
 import pathlib
@@ -35,6 +34,7 @@ from PIL import Image
 from handforge import __version__
 from handforge.data import collate
 from handforge.errors import HandforgeError
+from handforge.fileio import file_hash
 from handforge.imaging import to_uint8
 from handforge.runs import folder_sha256, load_run, resolve_checkpoint
 
@@ -76,14 +76,6 @@ class ExportResult:
         state = "complete" if self.complete else "incomplete: run the same command again to continue"
         return (f"generated {self.written} images in {self.seconds:.1f} s ({rate:.1f} images/s) -> {self.out} "
                 f"({self.total} planned, {state})")
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def folder_name(class_name: str) -> str:
@@ -175,7 +167,7 @@ def plan(run, opts: ExportOptions) -> dict:
     checkpoint = resolve_checkpoint(opts.run_dir, opts.checkpoint)
     settings = {
         "task": run.recipe.task.name,
-        "recipe_sha256": sha256_file(opts.run_dir / "recipe.toml"),
+        "recipe_sha256": file_hash(opts.run_dir / "recipe.toml"),
         "checkpoint": opts.checkpoint,
         "checkpoint_sha256": folder_sha256(checkpoint),
         "truncation": getattr(run.task.config, "truncation", None),

@@ -15,7 +15,6 @@ own with :func:`register_classifier_format`, and its checkpoints then serve the 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 from typing import Callable
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from handforge.errors import HandforgeError
+from handforge.fileio import file_hash
 
 FORMAT_KEY = "handforge_format"
 JUDGE_FORMAT = "judge_classifier/1"
@@ -309,9 +309,5 @@ def load_classifier(path, device="cpu"):
 
 def file_digest(path) -> str:
     """A content hash of a checkpoint, for the cache keys of the features it makes."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_hash(path, "sha1")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import attrs
 
 from handforge.errors import HandforgeError
+from handforge.fileio import file_hash
 
 _CHUNK = 1 << 20
 
@@ -88,11 +89,7 @@ def file_sha1(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _sha1_cache:
-        digest = hashlib.sha1()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        _sha1_cache[key] = digest.hexdigest()
+        _sha1_cache[key] = file_hash(path, "sha1")
     return _sha1_cache[key]
 
 
