@@ -1,6 +1,5 @@
-"""FID Inception throughput: the bare TorchScript loop against handforge's folded eager network.
-
-    python bench/_inception.py [--images 32] [--batch 8 16 32] [--threads 2] [--repeats 2] [--json]
+"""FID Inception throughput: the bare TorchScript loop against handforge's folded eager network,
+as table rows; ``python bench/metrics.py`` runs and prints them.
 
 Needs the weight file (``handforge weights fetch inception_fid``). Inputs are procedural hands
 rendered at 128 px, quantized to uint8 and clean-resized to 299 px once, so both sides time the
@@ -12,18 +11,14 @@ network alone on the same (x - 128) / 128 tensors:
 - ours: ``load_network()`` (batch norm folded, stacked 1x1 convolutions, channels_last) under
   ``torch.inference_mode``, one warm-up call first.
 
-Each figure is the best of --repeats passes over all images (on a shared machine the best pass
+Each figure is the best of `repeats` passes over all images (on a shared machine the best pass
 is the least disturbed); the two sides alternate pass by pass. "max |diff|" compares the
 features of all images. GFLOP/s counts 2 x multiply-adds of the convolutions (11.4 GFLOP per
 image); the fp32 matmul rate on the same threads (bench/_flops.py) is printed beside it, as the
 bound a network of convolutions can reach. The resize table gives milliseconds per image of
-each resize mode from S px to 299 px. The load average before and after is printed: compare
-runs only when it is low.
+each resize mode from S px to 299 px. bench/metrics.py prints the load average
+before and after: compare runs only when it is low.
 """
-import argparse
-import json
-import os
-import sys
 import time
 import warnings
 
@@ -32,8 +27,6 @@ import torch
 from handforge.plugins.metrics import inception
 from handforge.plugins.metrics.weights import INCEPTION_FID, locate
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _flops import matmul_rate  # noqa: E402
 
 GFLOP_PER_IMAGE = 11.42  # 2 x multiply-adds of all convolutions at 299 px (measured with FlopCounterMode)
 
@@ -101,38 +94,20 @@ def resize_rows(sizes=(64, 128, 256), n_images: int = 16) -> list[dict]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    network_rows = rows(args.images, args.batch, args.repeats)
-    size_rows = resize_rows()
-    matmul = matmul_rate(args.threads)["gflops_best"]
-    load_after = os.getloadavg()[0]
-    if args.json:
-        json.dump({"network": network_rows, "resize": size_rows, "load": [load_before, load_after],
-                   "threads": args.threads, "matmul_gflop_s": matmul}, sys.stdout, indent=2)
-        print()
-        return
-    print(f"FID Inception at 299 px, {args.threads} threads, {args.images} images, best of {args.repeats} "
-          f"(load average {load_before:.2f} before, {load_after:.2f} after); "
-          f"fp32 matmul rate {matmul:.0f} GFLOP/s\n")
+def print_tables(network_rows: list[dict], size_rows: list[dict], matmul_gflop_s: float) -> None:
+    """The network table (img/s, ratio, achieved GFLOP/s beside the matmul rate) and the resize table."""
+    print(f"FID Inception at 299 px, {network_rows[0]['images']} images per pass; "
+          f"fp32 matmul rate {matmul_gflop_s:.0f} GFLOP/s\n")
     print("| batch | TorchScript img/s | ours img/s | ours / TorchScript | ours GFLOP/s | max abs diff |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in network_rows:
         print(f"| {r['batch']} | {r['torchscript_img_s']:.2f} | {r['ours_img_s']:.2f} | {r['ratio']:.2f}x "
               f"| {r['ours_gflop_s']:.0f} | {r['max_abs_diff']:.1e} |")
+    best_theirs = max(r["torchscript_img_s"] for r in network_rows)
+    best_ours = max(r["ours_img_s"] for r in network_rows)
+    print(f"\nbest of each: ours {best_ours:.2f} img/s, TorchScript {best_theirs:.2f} img/s "
+          f"({best_ours / best_theirs:.2f}x); goal >= 2x, max abs diff < 1e-4")
     print("\n| input px | clean resize ms/img | legacy resize ms/img |")
     print("|---:|---:|---:|")
     for r in size_rows:
         print(f"| {r['size']} | {r['clean_ms']:.2f} | {r['legacy_ms']:.2f} |")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,5 @@
 """Speed of the metric math (plugins/metrics: prdc, frechet_distance) against straightforward
-references in the same run, as table rows; bench/metrics.py prints them among its tables.
-
-    python bench/_metric_math.py [--n 10000] [--dim 2048] [--threads 2] [--skip-prdc] [--skip-frechet]
+references in the same run, as table rows; ``python bench/metrics.py`` runs and prints them.
 
 - prdc: ``prdc(real, fake, k=5)`` on N x N random float32 features against the steps of the
   ``prdc`` package (clovaai/generative-evaluation-prdc) ported to torch, unchunked: three full
@@ -16,13 +14,10 @@ references in the same run, as table rows; bench/metrics.py prints them among it
   threads of a machine that other processes keep busy can be several times slower than on 1.
 
 Times are wall-clock seconds of one call after a small warm-up call; on a shared machine read
-them with the load average printed below the table.
+them with the load average bench/metrics.py prints below its tables.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import numpy as np
@@ -122,32 +117,3 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {row['benchmark']} | {row['size']} | {row['ours']} | {row['ours_s']:.2f} | {row['reference']} | "
               f"{number(row['reference_s'], '.2f')} | {number(row['speedup'], '.2f')} | "
               f"{number(row['max_abs_diff'], '.3g')} |")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10000, help="real and fake samples for prdc")
-    parser.add_argument("--dim", type=int, default=2048, help="feature dimension")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-prdc", action="store_true")
-    parser.add_argument("--skip-frechet", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    rows = []
-    if not args.skip_prdc:
-        rows += prdc_rows(args.n, args.dim)
-    if not args.skip_frechet:
-        rows += frechet_rows(args.dim)
-    print_table(rows)
-    for row in rows:
-        print(f"{row['benchmark']} values: " + ", ".join(f"{k} {v:.6g}" for k, v in row["values"].items()))
-    prdc_row = next((row for row in rows if row["benchmark"] == "prdc"), None)
-    if prdc_row and (args.n, args.dim) == (10000, 2048):
-        print(f"goal: prdc 10k x 10k x 2048 < {PRDC_GOAL_S:.0f} s on 2 cores: {prdc_row['ours_s']:.1f} s")
-    print(f"torch threads {args.threads}; 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-          f"({os.cpu_count()} CPUs)")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

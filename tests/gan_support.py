@@ -5,8 +5,9 @@ import accelerate
 import torch
 
 from handforge.plugins.backbones.deep_conv import DeepConvConfig, build_deep_conv
+from handforge.plugins.conditioners.auxiliary import LatentLabel
 from handforge.plugins.conditioners.label import ClassBatchNorm, NoCondition, Projection
-from handforge.plugins.losses.adversarial import Hinge
+from handforge.plugins.losses.adversarial import Hinge, Logistic
 from handforge.plugins.tasks.gan import GanConfig, GanTask
 from handforge.recipe import Component
 from handforge.registry import Entry
@@ -105,6 +106,32 @@ def pair_components(name: str, build, config, g_conditioner, d_conditioner, loss
         "d_conditioner": component("conditioner", *d_conditioner),
         "loss": component("loss", *loss),
     }
+
+
+def style_gan_run(name: str, build, config, gan_config=None):
+    """A set-up GanTask with a StyleGAN pair wired as the shipped recipes wire it: the label into
+    the mapping network (cadain), a projection discriminator, the logistic loss; 32 px TinyHands."""
+    components = pair_components(name, build, config, ("cadain", LatentLabel), ("projection", Projection),
+                                 ("logistic", Logistic))
+    return gan_run(components, TinyHands(n=32, size=32), gan_config or GanConfig(sample_count=4))
+
+
+def registered_entry(module, kind: str, name: str):
+    """The registry entry ``module`` makes for ``name`` when loaded as a built-in plugin."""
+    from handforge.plugin_manager import PluginHost, PluginInfo
+
+    host = PluginHost()
+    host._add(module, PluginInfo(module.__name__, "builtin", "handforge", "0"), fatal=True)
+    return host.registry(kind).get(name)
+
+
+def rejected_options(config_cls, table: dict) -> list[str]:
+    """The key paths the recipe reader reports for an option table it refuses, sorted."""
+    from handforge.recipe import structure
+
+    problems = []
+    assert structure(table, config_cls, "model.generator", problems) is None
+    return sorted(p.split(":")[0] for p in problems)
 
 
 def check_style_outputs(G, D, size: int, labels=None) -> None:

@@ -8,16 +8,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from handforge.errors import HandforgeError
-from handforge.plugin_manager import PluginHost, PluginInfo
 from handforge.plugins.backbones import stylegan2
 from handforge.plugins.backbones.stylegan2 import (EqualConv2d, MinibatchStd, ModulatedConv2d, StyleGan2Config,
                                                    blur, build_stylegan2, fir_kernel, upsample2, widths)
 from handforge.plugins.conditioners.auxiliary import LatentLabel
 from handforge.plugins.conditioners.label import ClassBatchNorm, NoCondition, Projection
 from handforge.plugins.conditioners.pose import ConcatConditioner, SpadeConditioner
-from handforge.plugins.losses.adversarial import Logistic
 from handforge.plugins.tasks.gan import GanConfig
-from gan_support import TinyHands, build_net, check_style_outputs, gan_run, pair_components, parameter_count, snapshot
+from gan_support import (build_net, check_style_outputs, parameter_count, registered_entry,
+                         rejected_options, snapshot, style_gan_run)
 from conftest import debug_launch_in_fresh_python
 
 SMALL = dict(ch=4, ch_max=16, z_dim=16, w_dim=16, mapping_layers=2)
@@ -365,10 +364,7 @@ def test_mbstd_features_must_divide_the_width():
 
 
 def make_run(gan_config=None, **options):
-    config = StyleGan2Config(**{**SMALL, **options})
-    components = pair_components("stylegan2", build_stylegan2, config, ("cadain", LatentLabel), ("projection", Projection),
-                                 ("logistic", Logistic))
-    return gan_run(components, TinyHands(n=32, size=32), gan_config or GanConfig(sample_count=4))
+    return style_gan_run("stylegan2", build_stylegan2, StyleGan2Config(**{**SMALL, **options}), gan_config)
 
 
 def test_gan_task_steps_with_logistic_r1_and_path_length():
@@ -410,14 +406,10 @@ def test_gan_task_truncation_is_psi_and_sample_grids_are_deterministic():
 def test_registers_like_a_plugin_and_options_are_checked():
     from handforge.recipe import structure
 
-    host = PluginHost()
-    host._add(stylegan2, PluginInfo(stylegan2.__name__, "builtin", "handforge", "0"), fatal=True)
-    entry = host.registry("backbone").get("stylegan2")
+    entry = registered_entry(stylegan2, "backbone", "stylegan2")
     assert entry.config_cls is StyleGan2Config and entry.summary
-    problems = []
     bad = {"mapping_layers": 0, "style_mixing": 1.5, "pl_interval": 0, "ch": "64"}
-    assert structure(bad, StyleGan2Config, "model.generator", problems) is None
-    assert sorted(p.split(":")[0] for p in problems) == [
+    assert rejected_options(StyleGan2Config, bad) == [
         "model.generator.ch", "model.generator.mapping_layers", "model.generator.pl_interval",
         "model.generator.style_mixing"]
     assert structure({"pl_weight": 2, "mapping_layers": 2}, StyleGan2Config, "g", []).pl_weight == 2.0

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 from handforge.errors import HandforgeError
-from handforge.plugin_manager import PluginHost, PluginInfo
 from handforge.plugins.backbones import stylegan2, stylegan3
 from handforge.plugins.backbones.stylegan2 import StyleGan2Config, build_stylegan2
 from handforge.plugins.backbones.stylegan3 import (FourierFeatures, StyleGan3Config, build_stylegan3, kaiser_beta,
@@ -16,10 +15,10 @@ from handforge.plugins.backbones.stylegan3 import (FourierFeatures, StyleGan3Con
 from handforge.plugins.conditioners.auxiliary import LatentLabel
 from handforge.plugins.conditioners.label import ClassBatchNorm, NoCondition, Projection
 from handforge.plugins.conditioners.pose import SpadeConditioner
-from handforge.plugins.losses.adversarial import Logistic
 from handforge.plugins.tasks.gan import GanConfig
 
-from gan_support import TinyHands, build_net, check_style_outputs, gan_run, pair_components, parameter_count, snapshot
+from gan_support import (build_net, check_style_outputs, parameter_count, registered_entry,
+                         rejected_options, snapshot, style_gan_run)
 
 SMALL = dict(ch=4, ch_max=16, z_dim=16, w_dim=16, mapping_layers=2, num_layers=6)
 
@@ -431,10 +430,7 @@ def test_config_r_is_equivariant_to_quarter_turns_and_config_t_is_not():
 
 
 def make_run(gan_config=None, **options):
-    config = StyleGan3Config(**{**SMALL, **options})
-    components = pair_components("stylegan3", build_stylegan3, config, ("cadain", LatentLabel), ("projection", Projection),
-                                 ("logistic", Logistic))
-    return gan_run(components, TinyHands(n=32, size=32), gan_config or GanConfig(sample_count=4))
+    return style_gan_run("stylegan3", build_stylegan3, StyleGan3Config(**{**SMALL, **options}), gan_config)
 
 
 def test_gan_task_steps_with_logistic_loss():
@@ -463,14 +459,10 @@ def test_gan_task_steps_with_logistic_loss():
 def test_registers_like_a_plugin_and_options_are_checked():
     from handforge.recipe import structure
 
-    host = PluginHost()
-    host._add(stylegan3, PluginInfo(stylegan3.__name__, "builtin", "handforge", "0"), fatal=True)
-    entry = host.registry("backbone").get("stylegan3")
+    entry = registered_entry(stylegan3, "backbone", "stylegan3")
     assert entry.config_cls is StyleGan3Config and entry.summary
-    problems = []
     bad = {"variant": "q", "num_layers": 0, "margin": -1, "ch": "64"}
-    assert structure(bad, StyleGan3Config, "model.generator", problems) is None
-    assert sorted(p.split(":")[0] for p in problems) == [
+    assert rejected_options(StyleGan3Config, bad) == [
         "model.generator.ch", "model.generator.margin", "model.generator.num_layers", "model.generator.variant"]
     config = structure({"variant": "r", "num_layers": 8, "mbstd_group": 2}, StyleGan3Config, "g", [])
     assert (config.variant, config.num_layers, config.mbstd_group) == ("r", 8, 2)

@@ -36,7 +36,8 @@ from attrs import validators as v
 from handforge import hookimpl
 from handforge.errors import HandforgeError
 
-from .resnet import DownBlock, Init, OptimizedBlock, check_size, layer
+from .pairs import check_size
+from .resnet import DownBlock, Init, OptimizedBlock, layer
 
 
 @attrs.define

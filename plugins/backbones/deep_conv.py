@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm as sn
 
 from handforge import hookimpl
-from handforge.errors import HandforgeError
+
+from .pairs import pick_network
 
 
 @attrs.define
@@ -85,12 +86,7 @@ class Discriminator(nn.Module):
 def build_deep_conv(config, *, role, image_size, conditioner, n_classes=0, **_):
     """DCGAN-style generator/discriminator, blocks derived from the image size (32, 64, 128, ...)."""
     config = config or DeepConvConfig()
-    if image_size < 8 or image_size & (image_size - 1):
-        raise HandforgeError(f"backbone 'deep_conv' needs a power-of-two image size >= 8, got {image_size}")
-    networks = {"generator": Generator, "discriminator": Discriminator}
-    if role not in networks:
-        raise HandforgeError(f"backbone 'deep_conv' has roles {sorted(networks)}, not {role!r}")
-    return networks[role](config, image_size, conditioner)
+    return pick_network("deep_conv", role, image_size, Generator, Discriminator)(config, image_size, conditioner)
 
 
 @hookimpl

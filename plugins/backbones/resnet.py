@@ -16,7 +16,6 @@ after its first block, doubling per halving, capped at ``8 * ch``).
 The discriminator blocks, the weight initialisation and the size check are shared with
 ``big_resnet``.
 """
-import math
 from typing import Literal
 
 import attrs
@@ -27,9 +26,9 @@ from attrs import validators as v
 from torch.nn.utils.parametrizations import spectral_norm as sn
 
 from handforge import hookimpl
-from handforge.errors import HandforgeError
 
 from .deep_conv import widths
+from .pairs import pick_network
 
 # Weight initialisations of the backbones' own layers (conditioner-made layers initialise themselves).
 INITS = {
@@ -59,14 +58,6 @@ def layer(module: nn.Module, init: str, spectral_norm: bool = False) -> nn.Modul
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
     return sn(module) if spectral_norm else module
-
-
-def check_size(name: str, image_size: int, role: str, roles=("generator", "discriminator")) -> int:
-    if role not in roles:
-        raise HandforgeError(f"backbone '{name}' has roles {sorted(roles)}, not {role!r}")
-    if not isinstance(image_size, int) or image_size < 8 or image_size & (image_size - 1):
-        raise HandforgeError(f"backbone '{name}' needs a power-of-two image size >= 8, got {image_size}")
-    return int(math.log2(image_size // 4))  # blocks between 4x4 and the image
 
 
 # -- generator ----------------------------------------------------------------------------------
@@ -162,8 +153,7 @@ class Discriminator(nn.Module):
 def build_resnet(config, *, role, image_size, conditioner, n_classes=0, **_):
     """SNGAN ResNet generator/discriminator (Miyato et al. 2018), blocks derived from the image size."""
     config = config or ResNetConfig()
-    check_size("resnet", image_size, role)
-    return {"generator": Generator, "discriminator": Discriminator}[role](config, image_size, conditioner)
+    return pick_network("resnet", role, image_size, Generator, Discriminator)(config, image_size, conditioner)
 
 
 @hookimpl

