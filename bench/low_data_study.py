@@ -15,8 +15,11 @@ only: after changing ``--steps`` or ``--set``, pass ``--rerun`` or another ``--p
 
 The generated images must exist first (see the recipe's header):
 
-    accelerate launch --num_cpu_threads_per_process 2 run.py recipes/handshape_gan32.toml
-    handforge generate runs/handshape_gan32 --per-class 100 --out runs/handshape_gan32/generated
+    accelerate launch --num_cpu_threads_per_process 2 run.py recipes/quickstart.toml
+    handforge generate runs/quickstart --per-class 100 --poses sampled --out runs/quickstart/generated_sampled
+
+Another export: ``--set 'model.generated.path="runs/handshape_gan32/generated"'`` with its own
+``--prefix``.
 
 Usage:
 

@@ -413,6 +413,12 @@ def resolve(raw: dict, source=None, host=None) -> Recipe:
             component = r.component(table, slot.kind, f"model.{slot.name}")
             if component is not None:
                 model[slot.name] = component
+        # A task may require slots by its options (a classifier's mode "mixgen" needs generated
+        # images): it registers check_slots(config, filled slot names) -> problems.
+        check_slots = task.entry.info.get("check_slots")
+        if check_slots is not None and task.config is not None:
+            filled = {name for name in slots if name in model or name in raw_model}
+            r.problems.extend(check_slots(task.config, filled))
 
     if isinstance(metric_tables, list):
         metrics = [r.component(t, "metric", f"eval.metrics[{i}]") for i, t in enumerate(metric_tables)]

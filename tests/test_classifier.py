@@ -14,7 +14,7 @@ import torch.nn as nn
 from scipy import stats
 
 from handforge.data import build_loader
-from handforge.errors import HandforgeError
+from handforge.errors import HandforgeError, RecipeError
 from handforge.plugins.backbones.classifiers import (MOBILENET_V2_STAGES, MobileNetV2Config, ResNet18Config,
                                                      build_mobilenet_v2, build_resnet18, load_imagenet_weights,
                                                      torchvision_key)
@@ -347,9 +347,10 @@ def test_validation_keeps_the_best_weights_and_the_report_uses_them(tmp_path):
     first = metric.evaluate(run)
     assert set(first) == {"val_top1", "val_top5"} and task.best_step == 1
     best = {k: t.clone() for k, t in task.best.items()}
-    with torch.no_grad():  # ruin the current weights: validation must not keep them
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ruin the current weights (random, not zeros: all-equal logits would tie)
         for p in task.model.parameters():
-            p.fill_(0.0)
+            p.copy_(torch.randn(p.shape, generator=noise))
     run.step = 2
     second = metric.evaluate(run)
     current = task.accelerator.unwrap_model(task.model).state_dict()
@@ -405,6 +406,15 @@ def test_shipped_recipe_validates():
     recipe = load_recipe(REPO / "recipes" / "classify_real.toml")
     assert recipe.task.name == "classifier" and recipe.task.config.mode == "real"
     assert recipe.model["classifier"].name == "resnet18" and recipe.eval.best_metric == "val_top1"
+
+
+@pytest.mark.parametrize("mode", ["mixgen", "reggen"])
+def test_validate_names_the_missing_generated_slot(mode):
+    # classify_real.toml has no [model.generated]; the low-data recipe has one and validates.
+    with pytest.raises(RecipeError, match=f"model.generated: task.mode = \"{mode}\" trains on generated"):
+        load_recipe(REPO / "recipes" / "classify_real.toml", [f"task.mode={mode}"])
+    recipe = load_recipe(REPO / "recipes" / "classify_low_data.toml", [f"task.mode={mode}"])
+    assert recipe.model["generated"].name == "generated"
 
 
 def test_pretrained_without_the_file_says_how_to_fetch_it(tmp_path, monkeypatch):

@@ -465,10 +465,18 @@ class ClassifierAccuracy:
         return evaluate(self.config.split, run.step)
 
 
+def check_slots(config: ClassifierConfig, filled: set) -> list[str]:
+    """The modes other than real train on generated images: without the slot, say so at validate."""
+    if config.mode != "real" and "generated" not in filled:
+        return [f"model.generated: task.mode = \"{config.mode}\" trains on generated images; add a "
+                f"[model.generated] dataset table (e.g. name = \"generated\", path = ...)"]
+    return []
+
+
 @hookimpl
 def register_tasks(register):
     register(
-        "classifier", ClassifierTask, config=ClassifierConfig, needs=("image", "label"),
+        "classifier", ClassifierTask, config=ClassifierConfig, needs=("image", "label"), check_slots=check_slots,
         slots=(
             Slot("classifier", "backbone", default="resnet18", summary="the classifier network"),
             Slot("generated", "dataset", optional=True,
