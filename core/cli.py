@@ -34,12 +34,25 @@ class CommandParser(argparse.ArgumentParser):
             self._parsing = False
 
 
+@attrs.frozen
+class Preparer:
+    """A plugin's ``handforge prepare NAME ...`` converter (e.g. a public dataset's download -> JSON)."""
+
+    name: str
+    help: str
+    parser: argparse.ArgumentParser
+    plugin: str  # who added it, for collision messages
+
+
 class CommandLine:
     """What the ``register_commands(cli)`` hook receives: add subcommands to ``handforge``."""
 
     def __init__(self, subparsers):
         self._subparsers = subparsers
         self.names: list[str] = []
+        self.parsers: dict[str, argparse.ArgumentParser] = {}
+        self.preparers: dict[str, Preparer] = {}
+        self.plugin = "handforge"  # the plugin whose register_commands is running
 
     def add_command(self, name: str, help: str, configure, handler) -> None:
         """``configure(parser)`` adds arguments; ``handler(args)`` runs the command (returns an exit code or None)."""
@@ -47,6 +60,43 @@ class CommandLine:
         configure(parser)
         parser.set_defaults(handler=handler)
         self.names.append(name)
+        self.parsers[name] = parser
+
+    def add_preparer(self, name: str, help: str, configure, handler) -> None:
+        """``handforge prepare NAME ARGS...`` runs ``handler(args)`` with ARGS parsed by the parser that
+        ``configure(parser)`` filled. A preparer's name takes precedence over a dataset of that name."""
+        previous = self.preparers.get(name)
+        if previous is not None:
+            raise HandforgeError(f"preparer '{name}' is added twice: by {previous.plugin} and by {self.plugin}")
+        parser = CommandParser(prog=f"handforge prepare {name}", description=help)
+        configure(parser)
+        parser.set_defaults(handler=handler)
+        self.preparers[name] = Preparer(name, help, parser, self.plugin)
+
+    def parse(self, parser: argparse.ArgumentParser, argv: list[str], datasets=None) -> argparse.Namespace:
+        """``argv`` parsed by the preparer it names, else by ``parser`` (the whole command line).
+        ``datasets`` (the registered dataset names) lets a mistyped ``prepare NAME`` say what exists,
+        instead of argparse asking for the dataset form's --num."""
+        if len(argv) >= 2 and argv[0] == "prepare" and argv[1] in self.preparers:
+            return self.preparers[argv[1]].parser.parse_args(argv[2:])
+        if (len(argv) >= 2 and argv[0] == "prepare" and not argv[1].startswith("-") and datasets is not None
+                and argv[1] not in datasets):
+            known = sorted(self.preparers) + sorted(datasets)
+            raise HandforgeError(f"prepare: '{argv[1]}' is neither a converter nor a dataset"
+                                 f"{did_you_mean(argv[1], known)}; converters: {', '.join(sorted(self.preparers)) or 'none'}; "
+                                 f"datasets: {', '.join(sorted(datasets))}")
+        return parser.parse_args(argv)
+
+    def list_preparers(self) -> None:
+        """Name the preparers in ``handforge prepare --help``, under the dataset form's options."""
+        prepare = self.parsers.get("prepare")
+        if prepare is None or not self.preparers:
+            return
+        width = max(len(n) for n in self.preparers)
+        lines = [f"  {p.name:<{width}}  {p.help}" for p in sorted(self.preparers.values(), key=lambda p: p.name)]
+        prepare.formatter_class = argparse.RawDescriptionHelpFormatter  # keep one preparer per line
+        prepare.epilog = ("converters (handforge prepare NAME ARGS...; NAME --help shows its arguments):\n"
+                          + "\n".join(lines))
 
 
 def _kind(text: str) -> str:
@@ -231,7 +281,8 @@ def cmd_prepare(args) -> int:
 # -- parser and entry point --------------------------------------------------------------------
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, CommandLine]:
+def build_parser(host=None) -> tuple[argparse.ArgumentParser, CommandLine]:
+    host = host or get_host()
     parser = argparse.ArgumentParser(prog="handforge", description="Synthetic hand data: train, evaluate, generate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     cli = CommandLine(sub)
@@ -264,7 +315,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, CommandLine]:
 
     def prepare_args(p):
         p.intermixed = True  # the usage puts key=value options after the flags
-        p.add_argument("dataset", help="a registered dataset name")
+        p.add_argument("dataset", help="a registered dataset name (or a converter's, listed below)")
         p.add_argument("options", nargs="*", help="dataset options as option=value, the value read as TOML (length=1000)")
         p.add_argument("--num", type=int, required=True, help="how many samples: indices 0 .. NUM-1")
         p.add_argument("--out", required=True, help="folder to write (must be new or empty unless --overwrite)")
@@ -281,9 +332,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, CommandLine]:
     cli.add_command("list", "list registered components of a kind", list_args, cmd_list)
     cli.add_command("show", "show a component's options, types, defaults and docs", show_args, cmd_show)
     cli.add_command("inspect", "load a dataset and print (or draw) its first samples", inspect_args, cmd_inspect)
-    cli.add_command("prepare", "write a dataset's first N samples as PNG files plus labels.json", prepare_args,
+    cli.add_command("prepare", "write a dataset's first N samples as PNG files plus labels.json, "
+                    "or run a plugin's converter (prepare --help lists them)", prepare_args,
                     cmd_prepare)
-    get_host().pm.hook.register_commands(cli=cli)
+    # One plugin at a time, in load order (built-ins first, as the registries fill), so a
+    # collision can name the plugins involved.
+    labels = {p.name: p.label for p in host.plugins}
+    for impl in host.pm.hook.register_commands.get_hookimpls():
+        cli.plugin = labels.get(impl.plugin_name, impl.plugin_name)
+        impl.function(cli=cli)
+    cli.plugin = "handforge"
+    cli.list_preparers()
     return parser, cli
 
 
@@ -295,7 +354,7 @@ def main(argv=None) -> None:
         # `accelerate launch run.py recipe.toml ...` (DESIGN.md) means `run recipe.toml ...`.
         if argv and not argv[0].startswith("-") and argv[0] not in cli.names:
             argv.insert(0, "run")
-        args = parser.parse_args(argv)
+        args = cli.parse(parser, argv, datasets=get_host().registry("dataset").names())
         if not getattr(args, "handler", None):
             parser.print_help()
             sys.exit(2)

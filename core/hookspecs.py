@@ -13,7 +13,9 @@ Registration hooks receive a ``register`` callable and call it once per componen
 - ``needs`` / ``provides``: sample fields (see :mod:`handforge.data`), as a tuple or as a
   function of the config returning one; checked by ``handforge validate``.
 - ``summary``: one line for ``handforge list``; defaults to the factory docstring's first line.
-- ``info``: kind-specific metadata, e.g. ``slots`` for a task.
+- ``info``: kind-specific metadata, e.g. ``slots`` for a task, and ``check_slots(config,
+  filled) -> list[str]`` for a task whose options require optional slots (problems are reported
+  by ``handforge validate`` with the recipe's others).
 
 Observer hooks are called on every process; ``run.is_main_process`` tells the main one.
 """
@@ -36,7 +38,9 @@ def register_conditioners(register):
 
 @hookspec
 def register_augmentations(register):
-    """Register data-side or differentiable augmentations."""
+    """Register data-side or differentiable augmentations. A discriminator-side one is called as
+    ``augment(images[, maps])``; a data-side one registers ``signature="batch"`` and is called as
+    ``augment(batch) -> batch`` (e.g. moving keypoints with the image)."""
 
 
 @hookspec
@@ -61,7 +65,8 @@ def register_losses(register):
 
 @hookspec
 def register_commands(cli):
-    """Add CLI subcommands: ``cli.add_command(name, help, configure, handler)``."""
+    """Add CLI subcommands: ``cli.add_command(name, help, configure, handler)``; and converters
+    run as ``handforge prepare NAME ...``: ``cli.add_preparer(name, help, configure, handler)``."""
 
 
 @hookspec

@@ -116,14 +116,16 @@ def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: int 
 
 
 def draw_skeleton(draw: ImageDraw.ImageDraw, keypoints, origin=(0, 0), size=(1, 1),
-                  radius: float | None = None, width: int | None = None) -> None:
+                  radius: float | None = None, width: int | None = None, colour: tuple | None = None) -> None:
     """Draw a hand skeleton over the image region at ``origin`` (x0, y0) of ``size`` (w, h).
 
     ``keypoints`` is (21, 3): x, y normalized to [0, 1] of that region, then visibility. The 20
     bones of :data:`handforge.data.KEYPOINT_PARENTS` are drawn as lines coloured per finger, then
     a dot per joint (fill :func:`joint_colour`, thin dark outline). Joints with visibility <= 0 or
     non-finite coordinates are skipped, as are the bones that touch them. ``radius`` (dot radius)
-    and ``width`` (line width) default to sizes that scale with the region.
+    and ``width`` (line width) default to sizes that scale with the region. ``colour`` (an RGB
+    tuple) draws the whole skeleton in one colour instead, to tell two skeletons on one image apart
+    (a prediction and its ground truth).
     """
     points = _numpy(keypoints).astype(np.float64, copy=False)
     if points.shape != (N_KEYPOINTS, 3):
@@ -139,13 +141,13 @@ def draw_skeleton(draw: ImageDraw.ImageDraw, keypoints, origin=(0, 0), size=(1, 
     xy = [(x0 + x * w - 0.5, y0 + y * h - 0.5) for x, y in points[:, :2]]
     for child, parent in enumerate(KEYPOINT_PARENTS):
         if parent >= 0 and visible[child] and visible[parent]:
-            draw.line([xy[parent], xy[child]], fill=joint_colour(child), width=width)
+            draw.line([xy[parent], xy[child]], fill=colour or joint_colour(child), width=width)
     for joint in range(N_KEYPOINTS):
         if visible[joint]:
             x, y = xy[joint]
             outline = OUTLINE_COLOUR if radius >= 3 else None  # a small dot would be all outline
             draw.ellipse([x - radius, y - radius, x + radius, y + radius],
-                         fill=joint_colour(joint), outline=outline)
+                         fill=colour or joint_colour(joint), outline=outline)
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: float) -> str:
@@ -158,21 +160,27 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: float) -> s
 
 
 def save_grid(path, images, keypoints=None, captions=None, nrow: int | None = None,
-              min_cell: int = 96, padding: int = 2, pad_value: int = 255) -> Path:
+              min_cell: int = 96, padding: int = 2, pad_value: int = 255, skeleton_colours=None) -> Path:
     """Write images as a PNG grid at ``path`` and return it (a Path).
 
     Images smaller than ``min_cell`` on their short side are upscaled (bicubic) so each cell is at
     least ``min_cell`` pixels, which keeps the skeletons readable. ``keypoints`` (N, 21, 3) are
     drawn over their cells; ``captions`` (N strings, e.g. class names) go in a band under each
-    cell. Parent folders are created; the file is written to a temporary name in the same folder
+    cell. ``keypoints`` may also be a list of such arrays, several skeletons per cell drawn in that
+    order, with ``skeleton_colours`` one colour per array (None in it, or no list: the per-finger
+    colours). Parent folders are created; the file is written to a temporary name in the same folder
     and renamed into place, so a reader never sees half a PNG.
     """
     pixels = _as_hwc_uint8(images)
     n, h, w, _ = pixels.shape
-    if keypoints is not None:
-        keypoints = _numpy(keypoints)
-        if keypoints.shape != (n, N_KEYPOINTS, 3):
-            raise ValueError(f"expected keypoints of shape ({n}, {N_KEYPOINTS}, 3), got {tuple(keypoints.shape)}")
+    skeletons = [] if keypoints is None else [
+        _numpy(k) for k in (keypoints if isinstance(keypoints, (list, tuple)) else [keypoints])]
+    for points in skeletons:
+        if points.shape != (n, N_KEYPOINTS, 3):
+            raise ValueError(f"expected keypoints of shape ({n}, {N_KEYPOINTS}, 3), got {tuple(points.shape)}")
+    colours = list(skeleton_colours) if skeleton_colours is not None else [None] * len(skeletons)
+    if len(colours) != len(skeletons):
+        raise ValueError(f"got {len(colours)} skeleton colours for {len(skeletons)} sets of keypoints")
     if captions is not None:
         captions = [str(c) for c in captions]
         if len(captions) != n:
@@ -197,8 +205,8 @@ def save_grid(path, images, keypoints=None, captions=None, nrow: int | None = No
         if (cell_w, cell_h) != (w, h):
             cell = cell.resize((cell_w, cell_h), Image.Resampling.BICUBIC)
         canvas.paste(cell, (x, y))
-        if keypoints is not None:
-            draw_skeleton(draw, keypoints[i], origin=(x, y), size=(cell_w, cell_h))
+        for points, colour in zip(skeletons, colours):
+            draw_skeleton(draw, points[i], origin=(x, y), size=(cell_w, cell_h), colour=colour)
         if captions is not None:
             text = _fit_text(draw, captions[i], font, cell_w - 2)
             draw.text((x + 1, y + cell_h + 2), text, fill=(0, 0, 0), font=font)

@@ -233,7 +233,14 @@ def test_loss_takes_a_step(loss):
         assert logs["d_loss"] >= 0
 
 
-AUGMENTATIONS = HOST.registry("augmentation").names()
+# The discriminator-side ones; data-side augmentations (signature "batch") belong to other tasks.
+AUGMENTATIONS = [name for name in HOST.registry("augmentation").names()
+                 if HOST.registry("augmentation").get(name).info.get("signature") != "batch"]
+
+
+def test_a_data_side_augmentation_is_refused_by_name():
+    with pytest.raises(HandforgeError, match="augmentation 'keypoint_affine' transforms data batches"):
+        make_task("resnet", "spade", "concat", augment="keypoint_affine")
 
 
 @pytest.mark.parametrize("augment", AUGMENTATIONS)

@@ -135,7 +135,7 @@ def test_deterministic_and_shortcuts_equal_their_options(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["procedural_hand", "--num", 2], "unknown dataset 'procedural_hand' (did you mean 'procedural_hands'?)"),
+    (["procedural_hand", "--num", 2], "'procedural_hand' is neither a converter nor a dataset (did you mean 'procedural_hands'?)"),
     ([DATASET, "--num", 2, "sise=16"], "procedural_hands.sise: unknown key (did you mean 'size'?)"),
     ([DATASET, "--num", 2, 'size="x"'], 'procedural_hands.size: expected int, got str "x"'),
     ([DATASET, "--num", 2, "size=x"], 'procedural_hands.size: expected int, got str "x"'),

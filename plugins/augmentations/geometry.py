@@ -38,13 +38,16 @@ def rotate2d(theta: torch.Tensor) -> torch.Tensor:
     return _matrix([[c, -s, 0], [s, c, 0], [0, 0, 1]], theta)
 
 
-def warp(x: torch.Tensor, inverse: torch.Tensor, frame: tuple[int, int] | None = None) -> torch.Tensor:
+def warp(x: torch.Tensor, inverse: torch.Tensor, frame: tuple[int, int] | None = None,
+         padding_mode: str = "reflection") -> torch.Tensor:
     """Resample (N, C, H, W) images through per-sample 2D transforms, in one grid_sample.
 
     ``inverse`` (N, 3, 3) maps output pixel coordinates to input ones (what sampling needs), in
     pixels of ``frame`` (height, width; default x's own), so maps at another resolution than the
-    images they describe move with them. Bilinear, with reflection padding: content that comes in
-    from outside is the mirrored image rather than a black border a discriminator could key on.
+    images they describe move with them. Bilinear. Reflection padding by default: content that
+    comes in from outside is the mirrored image rather than a black border a discriminator could
+    key on. ``padding_mode`` is grid_sample's ("zeros", "border", "reflection"): keypoint training
+    wants no mirrored content, which would show phantom fingers the labels do not have.
     """
     n, _, out_h, out_w = x.shape
     h, w = frame if frame is not None else (out_h, out_w)
@@ -53,7 +56,7 @@ def warp(x: torch.Tensor, inverse: torch.Tensor, frame: tuple[int, int] | None =
     one = torch.ones_like(inverse[:, 0, 0])
     theta = scale2d(one * (2 / w), 2 / h) @ inverse @ scale2d(one * (w / 2), h / 2)
     grid = F.affine_grid(theta[:, :2, :].to(x.dtype), [n, 1, out_h, out_w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
 # -- 3D, RGB colour -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Metrics: FID, IS, PRDC, CAS and their feature extractors.
+"""Metrics: FID, IS, PRDC, CAS, pose fidelity and their feature extractors.
 
 The metric components live in :mod:`.components`, the math in :mod:`.frechet`, :mod:`.prdc` and
-:mod:`.inception_score`, the feature extractors in :mod:`.extractors`, the judge classifier in
+:mod:`.inception_score`, pose fidelity in :mod:`.pose_fidelity`, the feature extractors in :mod:`.extractors`, the judge classifier in
 :mod:`.judge_classifier`, and the ``evaluate``, ``fit-judge`` and ``weights`` commands in
 :mod:`.commands`. This module registers them through the same hooks a third-party plugin uses.
 """
@@ -12,8 +12,11 @@ from handforge import hookimpl
 def register_metrics(register):
     from .components import METRICS
 
+    from .pose_fidelity import PoseFidelity, PoseFidelityConfig
+
     for name, (factory, config, needs) in METRICS.items():
         register(name, factory, config=config, needs=needs)
+    register("pose_fidelity", PoseFidelity, config=PoseFidelityConfig, needs=("image", "keypoints"))
 
 
 @hookimpl

@@ -18,7 +18,7 @@ from handforge.errors import HandforgeError
 DEFAULT_NUM = 10_000
 # evaluate's flags that set a metric option of the same name, for the metrics that have it.
 OPTION_FLAGS = ("extractor", "resize", "weights", "classifier", "k", "splits", "size", "epochs", "seed",
-                "batch_size")
+                "batch_size", "regressor")
 
 
 # -- evaluate ----------------------------------------------------------------------------------------
@@ -35,6 +35,7 @@ def configure_evaluate(p) -> None:
     p.add_argument("--resize", choices=["clean", "legacy"], help="inception_fid's resize to 299 px (default clean)")
     p.add_argument("--weights", help="the Inception weight file, if not in the default location")
     p.add_argument("--classifier", help="a judge classifier checkpoint: for is, and for --extractor hand_features")
+    p.add_argument("--regressor", help="pose_fidelity: a finished keypoints run directory (the judge of poses)")
     p.add_argument("--k", type=int, help="prdc's nearest neighbours (default 5)")
     p.add_argument("--splits", type=int, help="is: score in this many parts (default 1)")
     p.add_argument("--size", type=int, help="cas: the judge's input size (default 32)")

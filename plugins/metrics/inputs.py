@@ -101,6 +101,11 @@ class Inputs:
     def labelled(self, side: str) -> Batch:
         raise NotImplementedError
 
+    def posed(self, side: str, fn, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fn(uint8 images)`` of every image of one side, with the keypoints the images were made in
+        (fakes: the conditioning keypoints) or labelled with (reals), in one pass: (outputs, keypoints)."""
+        raise NotImplementedError
+
     def class_names(self, side: str) -> list[str] | None:
         raise NotImplementedError
 
@@ -144,6 +149,24 @@ class SourceInputs(Inputs):
                                  f"({source.description}) has no labels (use class sub-folders, a "
                                  f"`handforge prepare` folder, or a labelled dataset)")
         return self._memoized(_memo_key("labelled", side), lambda: source.read_all(self.batch_size))
+
+    def posed(self, side, fn, key):
+        source = self.source(side)
+
+        def compute():
+            outputs, keypoints = [], []
+            for batch in source.batches(self.batch_size):
+                if batch.keypoints is None:
+                    raise HandforgeError(f"metric '{self.metric}' needs the keypoints of the --{side} images, but "
+                                         f"{source.description} has none (a pose-conditioned run directory, a "
+                                         f"dataset with keypoints, or a folder whose labels.json has them)")
+                outputs.append(fn(batch.images))
+                keypoints.append(batch.keypoints)
+            if not outputs:
+                raise HandforgeError(f"{source.description}: no images")
+            return torch.cat(outputs).float().cpu(), torch.cat(keypoints).float().cpu()
+
+        return self._memoized(_memo_key("posed", side, key), compute)
 
 
 # -- a training run: in-loop evaluation on every process ---------------------------------------------
@@ -235,6 +258,20 @@ class RunInputs(Inputs):
 
     def class_names(self, side):
         return self.run.class_names or None
+
+    def posed(self, side, fn, key):
+        """Both sides are the run dataset's samples 0 .. num-1: the fakes drawn in their keypoints,
+        and the real images of the same poses."""
+        def compute():
+            outputs, keypoints = [], []
+            for batch in self._batches(side):
+                if batch.keypoints is None:
+                    raise HandforgeError(f"dataset '{self.run.recipe.data.name}' yields no keypoints")
+                outputs.append(fn(batch.images).float().cpu())
+                keypoints.append(batch.keypoints.float().cpu())
+            return self._gather(torch.cat(outputs)), self._gather(torch.cat(keypoints))
+
+        return self._memoized(_memo_key("posed", side, key), compute)
 
     def labelled(self, side):
         """Fakes: made for the labels of the train split's samples 0 .. num-1. Reals: the val split's

@@ -156,6 +156,11 @@ class GanTask(Task):
     def _build_augment(self, component, d_component, size):
         if component is None:
             return None
+        if component.entry.info.get("signature") == "batch":
+            raise HandforgeError(
+                f"model.augment: augmentation '{component.name}' transforms data batches (images with their "
+                f"labels, for tasks like keypoints); the discriminator's augmentation takes images (and pose "
+                f"maps): use diffaug or ada")
         augment = component.build(image_size=size)
         if self.spatial and not takes_two_arguments(getattr(augment, "forward", augment)):
             raise HandforgeError(
