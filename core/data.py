@@ -130,6 +130,19 @@ def build_loader(dataset, batch_size: int, seed: int, num_workers: int = 0, shuf
     )
 
 
+def square_image_size(dataset, who: str) -> int:
+    """The side of a dataset's square images: its ``image_size`` attribute (an int or (H, W)), else
+    the first sample's. ``who`` (e.g. "task 'gan'") is named when the images are not square."""
+    size = getattr(dataset, "image_size", None)
+    if size is None:
+        size = tuple(dataset[0]["image"].shape[-2:])
+    if isinstance(size, int):
+        return size
+    if len(size) != 2 or size[0] != size[1]:
+        raise DataError(f"{who} needs square images, the dataset's are {tuple(size)}")
+    return int(size[0])
+
+
 def first_samples(dataset, count: int) -> dict:
     """The first ``count`` samples as one batch (fixed conditions for sample grids)."""
     indices = list(range(min(count, len(dataset))))

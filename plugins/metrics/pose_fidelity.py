@@ -51,7 +51,7 @@ class KeypointJudge:
     def __init__(self, run_dir, checkpoint: str = "weights", device="cpu"):
         from safetensors.torch import load_model
 
-        from handforge.plugins.tasks.keypoints import N_KEYPOINTS, image_size_of
+        from handforge.data import N_KEYPOINTS, square_image_size
         from handforge.recipe import load_recipe
 
         run_dir = pathlib.Path(run_dir)
@@ -66,7 +66,7 @@ class KeypointJudge:
             raise HandforgeError(f"pose_fidelity: regressor {run_dir}: no {WEIGHT_FILES[checkpoint]} (did the run "
                                  f"finish{'' if checkpoint == 'weights' else ' with eval.best_metric set'}?)")
         # The input size as the task found it: the run dataset's images.
-        self.image_size = image_size_of(recipe.data.build(split="val"))
+        self.image_size = square_image_size(recipe.data.build(split="val"), f"pose_fidelity's regressor {run_dir}")
         self.model = recipe.model[REGRESSOR_SLOT].build(role="keypoints", image_size=self.image_size,
                                                         num_keypoints=N_KEYPOINTS, head=recipe.task.config.head)
         try:

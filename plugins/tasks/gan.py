@@ -47,6 +47,7 @@ import torch.nn as nn
 from attrs import validators as v
 
 from handforge import hookimpl
+from handforge.data import square_image_size
 from handforge.errors import HandforgeError
 from handforge.task import Slot, Task
 
@@ -171,14 +172,7 @@ class GanTask(Task):
 
     @staticmethod
     def _image_size(dataset) -> int:
-        size = getattr(dataset, "image_size", None)
-        if size is None:
-            size = tuple(dataset[0]["image"].shape[-2:])
-        if isinstance(size, int):
-            return size
-        if len(size) != 2 or size[0] != size[1]:
-            raise HandforgeError(f"task 'gan' needs square images, the dataset's are {tuple(size)}")
-        return int(size[0])
+        return square_image_size(dataset, "task 'gan'")
 
     # -- training -----------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from attrs import validators as v
 from safetensors.torch import load_file
 
 from handforge import hookimpl
-from handforge.data import N_KEYPOINTS
+from handforge.data import N_KEYPOINTS, square_image_size
 from handforge.errors import HandforgeError
 from handforge.fileio import atomic_write_bytes
 from handforge.imaging import save_grid
@@ -142,17 +142,6 @@ def predict_coords(model: nn.Module, images: torch.Tensor, device, batch_size: i
         model.train(was_training)
 
 
-def image_size_of(dataset) -> int:
-    size = getattr(dataset, "image_size", None)
-    if size is None:
-        size = tuple(dataset[0]["image"].shape[-2:])
-    if isinstance(size, int):
-        return size
-    if len(size) != 2 or size[0] != size[1]:
-        raise HandforgeError(f"task 'keypoints' needs square images, the dataset's are {tuple(size)}")
-    return int(size[0])
-
-
 class KeypointsTask(Task):
     """2D hand keypoint regression (direct or heatmap head), scored by PCK."""
 
@@ -164,7 +153,7 @@ class KeypointsTask(Task):
     def setup(self, run):
         cfg, acc = self.config, run.accelerator
         self.run, self.accelerator, self.device = run, acc, acc.device
-        self.image_size = image_size_of(run.dataset)
+        self.image_size = square_image_size(run.dataset, "task 'keypoints'")
         component = run.components["regressor"]
         model = component.build(role="keypoints", image_size=self.image_size, num_keypoints=N_KEYPOINTS,
                                 head=cfg.head)
