@@ -1,0 +1,101 @@
+"""Bad data in datasets that read the user's files: one clear error, or skipped and counted.
+
+Every file-backed dataset takes ``on_error = "raise" | "skip"``. With ``"raise"`` (the default) the
+first problem stops with a :class:`~handforge.errors.DataError` naming the file (and the entry in
+it). With ``"skip"`` the sample is left out and counted by kind; nothing disappears silently:
+
+- problems found while indexing (annotations, boxes, landmarks, missing files) are summarised on
+  stderr once the index is built;
+- an image that exists but cannot be decoded is found only when it is read: the sample is replaced
+  by the next readable one, counted, and the counts of each process are printed when it exits.
+"""
+from __future__ import annotations
+
+import atexit
+import sys
+from collections import Counter
+from typing import Literal
+
+from PIL import Image, UnidentifiedImageError
+
+from handforge.errors import DataError
+
+OnError = Literal["raise", "skip"]
+ON_ERROR_HELP = ("bad files or entries: raise (stop with an error naming the file) or skip (leave the "
+                 "sample out; counted and summarised)")
+
+
+def read_rgb(path) -> Image.Image:
+    """The whole image at ``path`` decoded as RGB; a missing, truncated or foreign file is a
+    :class:`DataError` naming it (the decode is forced here, not left to the first pixel access)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc})") from None
+
+
+class BadData:
+    """The ``on_error`` policy of one dataset split, and the count of what it skipped."""
+
+    def __init__(self, name: str, on_error: OnError = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"{name}: on_error must be \"raise\" or \"skip\", got {on_error!r}")
+        self.name, self.on_error = name, on_error
+        self.counts: Counter = Counter()
+        self.first: str | None = None
+        self._registered = False
+        self._unreadable: set[int] = set()
+
+    @property
+    def skipping(self) -> bool:
+        return self.on_error == "skip"
+
+    def problem(self, where, message: str, kind: str) -> None:
+        """Raise ``where: message`` (policy raise), or count it under ``kind`` (policy skip)."""
+        text = f"{where}: {message}"
+        if not self.skipping:
+            raise DataError(text + " (on_error = \"skip\" leaves such samples out, counted)")
+        self.counts[kind] += 1
+        self.first = self.first or text
+
+    def summary(self, total: int | None = None) -> str | None:
+        """One line: how many samples were skipped, by kind, with the first problem; None if none."""
+        skipped = sum(self.counts.values())
+        if not skipped:
+            return None
+        of = f" of {total}" if total is not None else ""
+        kinds = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
+        return f"{self.name}: skipped {skipped}{of} samples ({kinds}); first: {self.first}"
+
+    def print_summary(self, total: int | None = None) -> None:
+        line = self.summary(total)
+        if line:
+            print(line, file=sys.stderr)
+
+    def at_exit(self) -> None:
+        """Print the counts when this process exits (for problems found while reading samples)."""
+        if not self._registered:
+            self._registered = True
+            atexit.register(self.print_summary)
+
+    def read_or_skip(self, index: int, length: int, read):
+        """``read(i)`` for the first readable sample from ``index`` on (wrapping); with policy raise,
+        just ``read(index)``. Unreadable samples are counted; if none is readable, a DataError."""
+        if not self.skipping:
+            return read(index)
+        for step in range(length):
+            i = (index + step) % length
+            if i in self._unreadable:
+                continue
+            try:
+                return read(i)
+            except DataError as exc:
+                self._unreadable.add(i)  # each bad sample counts once, however often it is drawn
+                self.counts["unreadable image"] += 1
+                self.first = self.first or str(exc)
+                self.at_exit()
+        raise DataError(f"{self.name}: no sample could be read ({self.first})")
