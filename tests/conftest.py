@@ -32,6 +32,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def cli_exit(capsys, *args):
+    """``handforge ARGS`` in this process: (exit code, stdout, stderr)."""
+    from handforge.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run `python -m handforge.cli`-equivalent in a subprocess; returns CompletedProcess."""
     import subprocess

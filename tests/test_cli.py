@@ -2,21 +2,15 @@
 import json
 import pathlib
 
-import pytest
 from PIL import Image
 
-from conftest import run_cli
-from handforge.cli import main
+from conftest import cli_exit, run_cli
 from handforge.toml_writer import dumps
 
 TOY = pathlib.Path(__file__).with_name("toy_plugin.py")
 
 
-def cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+cli = cli_exit  # handforge ARGS in this process: (exit code, stdout, stderr)
 
 
 def toy_recipe(tmp_path, **changes):

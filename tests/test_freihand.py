@@ -7,19 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from handforge.cli import main
 from handforge.errors import DataError, HandforgeError
 from handforge.plugins.datasets.freihand import prepare_freihand
 from handforge.plugins.datasets.keypoint_json import KeypointJson, KeypointJsonConfig
+from conftest import cli_exit
 
 N_IDS, SIDE = 6, 224
 
 
-def cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+cli = cli_exit  # handforge ARGS in this process: (exit code, stdout, stderr)
 
 
 def fixture_cameras(n_ids: int = N_IDS, seed: int = 0):

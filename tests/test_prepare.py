@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
-from handforge.cli import main
+from conftest import cli_exit, run_cli
 from handforge.imaging import to_uint8
 from handforge.prepare import prepare
 from handforge.recipe import resolve_component
@@ -19,11 +18,7 @@ from handforge.recipe import resolve_component
 DATASET = "procedural_hands"
 
 
-def cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+cli = cli_exit  # handforge ARGS in this process: (exit code, stdout, stderr)
 
 
 def read_labels(folder: pathlib.Path) -> dict:

@@ -6,6 +6,7 @@ import pytest
 from handforge import cli as cli_module
 from handforge.cli import build_parser, cmd_prepare, main
 from handforge.errors import HandforgeError
+from conftest import cli_exit
 
 # A local plugin with one converter; it writes what it parsed, so the test sees the handler ran.
 CONVERTER_PLUGIN = textwrap.dedent('''
@@ -41,11 +42,7 @@ def converter_host(host, tmp_path, monkeypatch):
     return host
 
 
-def run_main(capsys, *args):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+run_main = cli_exit  # handforge ARGS in this process: (exit code, stdout, stderr)
 
 
 def test_a_preparer_parses_its_own_arguments_and_runs(converter_host, capsys, tmp_path):
@@ -76,7 +73,7 @@ def test_other_names_keep_the_dataset_form(converter_host):
 def test_an_unknown_name_lists_converters_and_datasets(converter_host, capsys):
     code, _, err = run_main(capsys, "prepare", "toy_sourse", "x", "--out", "y")
     assert code == 2 and "'toy_sourse' is neither a converter nor a dataset (did you mean 'toy_source'?)" in err
-    assert "converters: freihand, toy_source;" in err and "procedural_hands" in err and "--num" not in err
+    assert "converters: cache, freihand, toy_source;" in err and "procedural_hands" in err and "--num" not in err
 
 
 def test_prepare_help_lists_the_preparers(converter_host, capsys):

@@ -12,6 +12,8 @@ it). With ``"skip"`` the sample is left out and counted by kind; nothing disappe
 from __future__ import annotations
 
 import atexit
+import json
+import pathlib
 import sys
 from collections import Counter
 from typing import Literal
@@ -36,6 +38,16 @@ def read_rgb(path) -> Image.Image:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc})") from None
+
+
+def read_json(path, hint: str = ""):
+    """The JSON document at ``path``; an unreadable or truncated file is a :class:`DataError` naming
+    it (and ``hint``, e.g. what the file should hold). Always raised, whatever ``on_error`` says: a
+    file that does not parse has no entries to skip or count."""
+    try:
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}){'; ' + hint if hint else ''}") from None
 
 
 class BadData:
@@ -69,7 +81,8 @@ class BadData:
             return None
         of = f" of {total}" if total is not None else ""
         kinds = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
-        return f"{self.name}: skipped {skipped}{of} samples ({kinds}); first: {self.first}"
+        noun = "sample" if skipped == 1 and total is None else "samples"
+        return f"{self.name}: skipped {skipped}{of} {noun} ({kinds}); first: {self.first}"
 
     def print_summary(self, total: int | None = None) -> None:
         line = self.summary(total)

@@ -26,6 +26,8 @@ from handforge.data import N_KEYPOINTS
 from handforge.errors import DataError, HandforgeError
 from handforge.fileio import atomic_write_bytes
 
+from .bad_data import read_json
+
 VERSIONS = 4  # FreiHAND v2: gs, hom, sample, auto
 SOURCE = "FreiHAND"
 K_FILE, XYZ_FILE, RGB_FOLDER = "training_K.json", "training_xyz.json", "training/rgb"
@@ -39,10 +41,7 @@ DECIMALS = 4  # 1e-4 px: far below annotation accuracy, and a third shorter than
 def _load_json(path: pathlib.Path):
     if not path.is_file():
         raise DataError(f"{path}: not found (a FreiHAND v2 root holds {K_FILE}, {XYZ_FILE} and {RGB_FOLDER}/)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path)
 
 
 def _array(path: pathlib.Path, data, shape: tuple, what: str) -> np.ndarray:

@@ -15,7 +15,6 @@ the resize are one antialiased resample.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import pathlib
 from typing import Literal
@@ -29,6 +28,8 @@ from PIL import Image, UnidentifiedImageError
 from handforge import hookimpl
 from handforge.data import N_KEYPOINTS
 from handforge.errors import DataError
+
+from .bad_data import read_json
 
 SPLITS = ("train", "val")
 CROPS = ("none", "keypoints")
@@ -90,10 +91,7 @@ def read_entries(path: pathlib.Path, limit: int = 0) -> tuple[list[str], np.ndar
     file, every entry checked."""
     if not path.is_file():
         raise DataError(f"{path}: keypoint JSON file not found")
-    try:
-        entries = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    entries = read_json(path)
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a list of entries {{\"image_path\", \"keypoints\"}}, "
                         f"got {type(entries).__name__}")
