@@ -11,7 +11,9 @@ from test_freihand import DOT_COLOURS, cli, dot_centre
 
 from handforge.data import check_sample
 from handforge.errors import DataError
-from handforge.plugins.datasets.hagrid import V1_CLASSES, V2_CLASSES, Hagrid, HagridConfig, split_users
+from handforge.plugins.datasets.bad_data import read_rgb_reduced
+from handforge.plugins.datasets.hagrid import (V1_CLASSES, V2_CLASSES, Hagrid, HagridConfig, reduction_for_crop,
+                                              split_users)
 
 W, H = 160, 120  # not square: x is normalized by W, y by H
 
@@ -174,6 +176,44 @@ def test_a_box_partly_outside_is_clipped_before_cropping(tmp_path):
     side = 1.5 * 40  # the clipped box is 20 x 40 pixels
     expected = (grid_points((140, 80, 20, 40)) - (150 - side / 2, 100 - side / 2)) / side
     np.testing.assert_allclose(kp[:, :2], expected, atol=1e-5)
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_the_dots_still_land(tmp_path):
+    # About 1600x1200, not a multiple of 8: the reduced image is 201x151, a rounded-up size, and
+    # the geometry must follow the exact factor 8, not 1601 / 201.
+    width, height, box, size = 1601, 1201, (700, 500, 240, 220), 32
+    pixels = np.full((height, width, 3), 90, dtype=np.uint8)
+    points = grid_points(box)
+    for joint, colour in DOT_COLOURS.items():
+        # 25x25 stored pixels (3 at 1/8 scale): big enough to survive two shrinks; centroid = the point.
+        col, row = np.floor(points[joint]).astype(int)
+        pixels[row - 12:row + 13, col - 12:col + 13] = colour
+    (tmp_path / "images" / "ok").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "images" / "ok" / "k.jpg", quality=95, subsampling=0)
+    (tmp_path / "ann").mkdir()
+    entry = {"bboxes": [[box[0] / width, box[1] / height, box[2] / width, box[3] / height]], "labels": ["ok"],
+             "user_id": "u", "landmarks": [(points / (width, height)).tolist()], "leading_hand": "right"}
+    (tmp_path / "ann" / "ok.json").write_text(json.dumps({"k": entry}))
+    data = make(tmp_path / "images", tmp_path / "ann", val_fraction=0.0, size=size)
+    image, factor, stored = data.decode(0)
+    # The 360-pixel crop is 45 pixels at 1/8 scale, still at least 32.
+    assert (factor, image.size, stored) == (8.0, (201, 151), (width, height))
+    sample = data[0]
+    side = 1.5 * 240
+    expected = (points - (820 - side / 2, 610 - side / 2)) / side
+    np.testing.assert_allclose(sample["keypoints"][:, :2].numpy(), expected, atol=1e-5)
+    # Measured error <= 0.03 output px; a geometry off by the rounding (1601 / 201) would be ~0.4 px.
+    for channel, joint in enumerate(DOT_COLOURS):
+        np.testing.assert_allclose(dot_centre(sample["image"], channel), expected[joint], atol=0.15 / size)
+
+
+def test_the_reduction_keeps_the_crop_at_least_the_output_size(tmp_path):
+    assert [reduction_for_crop(side, 32) for side in (31, 63, 64, 128, 255, 256, 5000)] == [1, 1, 2, 4, 4, 8, 8]
+    # Only JPEGs shrink while decoding: a PNG (whatever its name) decodes whole.
+    path = tmp_path / "really_a.png"
+    Image.fromarray(np.full((120, 160, 3), 7, dtype=np.uint8)).save(path, format="PNG")
+    image, factor = read_rgb_reduced(str(path), lambda w, h: 8)
+    assert (image.size, factor) == ((160, 120), 1.0)
 
 
 # -- splits and filters ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 from collections import Counter
-from typing import Literal
+from typing import Callable, Literal
 
 from PIL import Image, UnidentifiedImageError
 
@@ -30,10 +30,30 @@ ON_ERROR_HELP = ("bad files or entries: raise (stop with an error naming the fil
 def read_rgb(path) -> Image.Image:
     """The whole image at ``path`` decoded as RGB; a missing, truncated or foreign file is a
     :class:`DataError` naming it (the decode is forced here, not left to the first pixel access)."""
+    return read_rgb_reduced(path, lambda width, height: 1)[0]
+
+
+def read_rgb_reduced(path: str, reduction_for: Callable[[int, int], int]) -> tuple[Image.Image, float]:
+    """The image at ``path`` as RGB, and the factor it was shrunk by while decoding (1.0: full size).
+
+    ``reduction_for(width, height)`` gets the stored size (from the header, before any pixel is
+    decoded) and says how much smaller the caller can take it; a JPEG is then decoded at 1/2, 1/4 or
+    1/8 scale by libjpeg's DCT scaling (Image.draft), much faster than decoding it whole. Other
+    formats decode whole. Errors: as :func:`read_rgb`."""
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            reduction = reduction_for(width, height)
+            factor = 1.0
+            if reduction > 1:
+                # draft picks the largest reduction that keeps the image at least the requested size:
+                # asking for width // reduction gives exactly `reduction` (never more).
+                chosen = image.draft("RGB", (max(1, width // reduction), max(1, height // reduction)))
+                if chosen is not None:  # None: not a JPEG
+                    # The scaled width, width / factor, is exact; image.size rounds it up to whole pixels.
+                    factor = width / chosen[1][2]
             image.load()
-            return image.convert("RGB")
+            return image.convert("RGB"), factor
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
