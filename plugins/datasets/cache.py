@@ -276,10 +276,13 @@ def batch_buffers(specs: dict) -> dict:
         offsets[field] = total
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         total += -(-nbytes // 64) * 64  # each field starts on a 64-byte boundary: aligned for any dtype
-    if torch.utils.data.get_worker_info() is None:
+    # In a DataLoader worker, one shared block for the whole batch (as default_collate allocates its
+    # output) halves the hand-over cost; _new_shared is private API, so without it a plain block.
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if torch.utils.data.get_worker_info() is None or new_shared is None:
         storage = torch.UntypedStorage(total)
     else:
-        storage = torch.UntypedStorage._new_shared(total)
+        storage = new_shared(total)
     return {field: torch.empty(0, dtype=dtype).set_(storage, offsets[field] // torch.empty(0, dtype=dtype).element_size(),
                                                      shape)
             for field, (shape, dtype) in specs.items()}
