@@ -130,6 +130,23 @@ def build_loader(dataset, batch_size: int, seed: int, num_workers: int = 0, shuf
     )
 
 
+SPLITS = ("train", "val")  # what dataset factories are called with: factory(config, split=...)
+
+
+def check_split(dataset: str, split: str) -> None:
+    """A dataset factory's guard: ``split`` must be one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise DataError(f"{dataset}: split must be 'train' or 'val', got {split!r}")
+
+
+def check_index(dataset: str, i: int, length: int, noun: str = "samples") -> int:
+    """``i`` as an index into ``length`` samples (negative ones count from the end, as in a list);
+    IndexError naming the dataset otherwise."""
+    if not -length <= i < length:
+        raise IndexError(f"{dataset}: index {i} out of range for {length} {noun}")
+    return i % length
+
+
 def square_image_size(dataset, who: str) -> int:
     """The side of a dataset's square images: its ``image_size`` attribute (an int or (H, W)), else
     the first sample's. ``who`` (e.g. "task 'gan'") is named when the images are not square."""

@@ -23,13 +23,12 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .data import FIELDS, check_sample, collate
+from .data import FIELDS, SPLITS, check_sample, collate
 from .errors import DataError, HandforgeError
 from .fileio import atomic_write_bytes
 from .imaging import to_uint8
 from .recipe import Component, apply_overrides, resolve_component
 
-SPLITS = ("train", "val")
 LABELS_FILE, INFO_FILE = "labels.json", "dataset.json"
 DECIMALS = 6  # float labels are rounded: enough for sub-pixel keypoints, stable across platforms
 # Files an earlier ``prepare`` wrote, which --overwrite may delete so no stale image outlives it.

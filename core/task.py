@@ -37,6 +37,15 @@ class Task:
     ``finish()`` once at the end.
     """
 
+    config_cls = None  # the task's attrs config class: a task built without a config gets its defaults
+
+    def __init__(self, config=None, **_context):
+        self.config = self.config_cls() if config is None and self.config_cls is not None else config
+
+    def bind(self, run: "RunContext") -> None:
+        """Keep the run, its accelerator and its device on the task: what every ``setup`` starts with."""
+        self.run, self.accelerator, self.device = run, run.accelerator, run.accelerator.device
+
     def setup(self, run: "RunContext") -> None:
         raise NotImplementedError
 

@@ -54,3 +54,31 @@ def test_unreadable_samples_are_replaced_by_the_next_and_counted_once():
     everything_bad = BadData("toy", "skip")
     with pytest.raises(DataError, match="no sample could be read"):
         everything_bad.read_or_skip(0, 2, lambda i: read(1))
+
+
+def test_file_samples_index_like_a_list_and_skip_through_the_policy():
+    from handforge.data import check_split
+    from handforge.plugins.datasets.bad_data import FileSamples
+
+    class Three(FileSamples):
+        name, noun = "three", "images"
+
+        def __init__(self, on_error):
+            self.bad = BadData("three", on_error)
+
+        def __len__(self):
+            return 3
+
+        def _read(self, i):
+            if i == 1:
+                raise DataError(f"img{i}.png: cannot decode the image")
+            return {"i": i}
+
+    skipping = Three("skip")
+    assert [s["i"] for s in skipping.__getitems__([0, -3, 1, -1])] == [0, 0, 2, 2]
+    with pytest.raises(IndexError, match="three: index 3 out of range for 3 images"):
+        skipping[3]
+    with pytest.raises(DataError, match="img1.png"):
+        Three("raise")[-2]
+    with pytest.raises(DataError, match="three: split must be 'train' or 'val', got 'test'"):
+        check_split("three", "test")

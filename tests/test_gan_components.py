@@ -281,3 +281,14 @@ def test_conditional_gan_learns_class_colors():
     colors = task.sample({"label": torch.tensor([0, 1, 2] * 3)})["image"].mean(dim=(2, 3)).view(3, 3, 3).mean(0)
     # colors[class, channel]: channel k is brightest in the images of class k (all of 6 seeds tried pass at 300)
     assert colors.argmax(dim=0).tolist() == [0, 1, 2]
+
+
+def test_tasks_built_without_a_config_get_their_defaults():
+    from handforge.plugins.tasks.classifier import ClassifierConfig, ClassifierTask
+    from handforge.plugins.tasks.keypoints import KeypointsConfig, KeypointsTask
+
+    for task, config in ((GanTask, GanConfig), (ClassifierTask, ClassifierConfig), (KeypointsTask, KeypointsConfig)):
+        assert task().config == config()
+        given = config()
+        assert task(given).config is given
+    assert ClassifierTask().best_step == -1  # its own state survives the shared constructor

@@ -18,8 +18,10 @@ import sys
 from collections import Counter
 from typing import Callable, Literal
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
+from handforge.data import check_index
 from handforge.errors import DataError
 
 OnError = Literal["raise", "skip"]
@@ -132,3 +134,24 @@ class BadData:
                 self.first = self.first or str(exc)
                 self.at_exit()
         raise DataError(f"{self.name}: no sample could be read ({self.first})")
+
+
+class FileSamples(torch.utils.data.Dataset):
+    """Base of datasets that read one file per sample: indexing goes through the ``on_error`` policy.
+
+    A subclass sets ``name`` (the registered name, for messages), ``noun`` (what a sample is) and
+    ``self.bad`` (a :class:`BadData`), and implements ``__len__`` and ``_read(i)`` (one sample, a
+    :class:`DataError` naming the file when it cannot be read)."""
+
+    name, noun = "dataset", "samples"
+    bad: BadData
+
+    def _read(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        i = check_index(self.name, i, len(self), self.noun)
+        return self.bad.read_or_skip(i, len(self), self._read)
+
+    def __getitems__(self, indices) -> list[dict]:
+        return [self[i] for i in indices]

@@ -59,9 +59,10 @@ import torch
 from attrs import validators as v
 
 from handforge import hookimpl
-from handforge.data import N_KEYPOINTS
+from handforge.data import N_KEYPOINTS, check_split
 from handforge.errors import DataError
-from handforge.plugins.datasets.bad_data import ON_ERROR_HELP, BadData, OnError, read_json, read_rgb_reduced
+from handforge.plugins.datasets.bad_data import (ON_ERROR_HELP, BadData, FileSamples, OnError, read_json,
+                                                 read_rgb_reduced)
 from handforge.plugins.datasets.keypoint_json import PADS, cut_and_resize
 
 NO_GESTURE = "no_gesture"
@@ -80,7 +81,6 @@ V1_KEYS = ("landmarks", "leading_hand", "leading_conf")
 V2_KEYS = ("hand_landmarks", "united_bbox", "united_label", "meta")
 LANDMARK_KEY = {"v1": "landmarks", "v2": "hand_landmarks"}
 HANDEDNESS = {"left": 0, "right": 1}
-SPLITS = ("train", "val")
 JPEG_REDUCTIONS = (8, 4, 2, 1)  # the DCT scalings libjpeg offers through Image.draft
 
 
@@ -218,12 +218,13 @@ def reduction_for_crop(crop_side: float, size: int) -> int:
 # -- the dataset -----------------------------------------------------------------------------------
 
 
-class Hagrid(torch.utils.data.Dataset):
+class Hagrid(FileSamples):
     """HaGRID hand gestures (v1, v2, v2-1M): one square crop per annotated hand."""
 
+    name = "hagrid"
+
     def __init__(self, config: HagridConfig, split: str = "train"):
-        if split not in SPLITS:
-            raise DataError(f"hagrid: split must be 'train' or 'val', got {split!r}")
+        check_split("hagrid", split)
         self.config, self.split = config, split
         self.root = pathlib.Path(config.root)
         if not self.root.is_dir():
@@ -392,11 +393,6 @@ class Hagrid(torch.utils.data.Dataset):
         if self._with_handedness:
             sample["handedness"] = torch.tensor(self._handedness[i])
         return sample
-
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"hagrid: index {i} out of range for {len(self)} samples")
-        return self.bad.read_or_skip(i % len(self), len(self), self._read)
 
 
 def provided_fields(config: HagridConfig) -> tuple:

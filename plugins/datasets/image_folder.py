@@ -42,13 +42,12 @@ from attrs import validators as v
 from PIL import Image
 
 from handforge import hookimpl
-from handforge.data import N_KEYPOINTS
+from handforge.data import N_KEYPOINTS, check_split
 from handforge.errors import DataError
 
-from .bad_data import ON_ERROR_HELP, BadData, OnError, read_json, read_rgb
+from .bad_data import ON_ERROR_HELP, BadData, FileSamples, OnError, read_json, read_rgb
 from .keypoint_json import PADS, cut_and_resize
 
-SPLITS = ("train", "val")
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FITS = ("pad", "crop", "stretch")
 LABEL_MODES = ("auto", "folders", "none")
@@ -231,12 +230,13 @@ class ImageFolderConfig:
         "help": ON_ERROR_HELP})
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(FileSamples):
     """Images from a folder; class sub-folders give labels, a keypoint JSON file keypoints."""
 
+    name, noun = "image_folder", "images"
+
     def __init__(self, config: ImageFolderConfig, split: str = "train"):
-        if split not in SPLITS:
-            raise DataError(f"image_folder: split must be 'train' or 'val', got {split!r}")
+        check_split("image_folder", split)
         self.config, self.split = config, split
         self.root = root = pathlib.Path(config.path)
         if not root.is_dir():
@@ -304,14 +304,6 @@ class ImageFolder(torch.utils.data.Dataset):
         if self._keypoints is not None:
             sample["keypoints"] = torch.from_numpy(crop_keypoints(self._keypoints[i], width, height, box)).float()
         return sample
-
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"image_folder: index {i} out of range for {len(self)} images")
-        return self.bad.read_or_skip(i % len(self), len(self), self._read)
-
-    def __getitems__(self, indices) -> list[dict]:
-        return [self[i] for i in indices]
 
 
 @hookimpl

@@ -26,12 +26,11 @@ from attrs import validators as v
 from PIL import Image, UnidentifiedImageError
 
 from handforge import hookimpl
-from handforge.data import N_KEYPOINTS
+from handforge.data import N_KEYPOINTS, check_index, check_split
 from handforge.errors import DataError
 
 from .bad_data import read_json
 
-SPLITS = ("train", "val")
 CROPS = ("none", "keypoints")
 PADS = ("black", "edge")
 # A crop square far larger than the image means broken keypoints; padding for it could take gigabytes.
@@ -157,8 +156,7 @@ class KeypointJson(torch.utils.data.Dataset):
     """Hand images with 21 keypoints from keypoint JSON files (e.g. `handforge prepare freihand`)."""
 
     def __init__(self, config: KeypointJsonConfig, split: str = "train"):
-        if split not in SPLITS:
-            raise DataError(f"keypoint_json: split must be 'train' or 'val', got {split!r}")
+        check_split("keypoint_json", split)
         file = getattr(config, split)
         if not file:
             raise DataError(f"keypoint_json: no {split} file: set the dataset option "
@@ -185,9 +183,7 @@ class KeypointJson(torch.utils.data.Dataset):
             raise DataError(f"{where}: cannot read the image {path} ({type(exc).__name__}: {exc})") from None
 
     def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"keypoint_json: index {i} out of range for {len(self)} entries")
-        i = i % len(self)
+        i = check_index("keypoint_json", i, len(self), "entries")
         image = self._open(i)
         width, height = image.size
         keypoints = self._keypoints[i]

@@ -35,10 +35,11 @@ import torch
 from attrs import validators as v
 
 from handforge import hookimpl
+from handforge.data import check_split
 from handforge.errors import DataError
 
-from .bad_data import ON_ERROR_HELP, BadData, OnError, read_rgb
-from .image_folder import FITS, SPLITS, square_image, stratified_split
+from .bad_data import ON_ERROR_HELP, BadData, FileSamples, OnError, read_rgb
+from .image_folder import FITS, square_image, stratified_split
 from .keypoint_json import PADS
 
 INDEX_NAME = "3359-ph2014-MS-handshape-annotations.txt"
@@ -129,12 +130,13 @@ def frequent_classes(lines: list[IndexLine], min_samples: int) -> tuple[list[Ind
     return [line for line in lines if line.class_name not in dropped], dropped
 
 
-class RwthPhoenix(torch.utils.data.Dataset):
+class RwthPhoenix(FileSamples):
     """RWTH-PHOENIX-Weather 2014 handshape crops with their class labels."""
 
+    name, noun = "rwth_phoenix", "images"
+
     def __init__(self, config: RwthPhoenixConfig, split: str = "train"):
-        if split not in SPLITS:
-            raise DataError(f"rwth_phoenix: split must be 'train' or 'val', got {split!r}")
+        check_split("rwth_phoenix", split)
         self.config, self.split = config, split
         self.index = pathlib.Path(config.index)
         root = pathlib.Path(config.root) if config.root is not None else self.index.parent
@@ -179,14 +181,6 @@ class RwthPhoenix(torch.utils.data.Dataset):
             raise DataError(f"{self.index}: line {line.number}: {exc}") from None
         pixels, _ = square_image(image, self.config.size, self.config.fit, self.config.pad)
         return {"image": pixels, "label": torch.tensor(int(self.labels[i]), dtype=torch.int64)}
-
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"rwth_phoenix: index {i} out of range for {len(self)} images")
-        return self.bad.read_or_skip(i % len(self), len(self), self._read)
-
-    def __getitems__(self, indices) -> list[dict]:
-        return [self[i] for i in indices]
 
 
 @hookimpl

@@ -18,7 +18,7 @@ import torch
 from attrs import validators as v
 from PIL import Image, UnidentifiedImageError
 
-from handforge.data import FIELDS
+from handforge.data import FIELDS, check_index, check_split
 from handforge.errors import DataError
 
 from .manifest import read_manifest
@@ -59,8 +59,7 @@ class GeneratedImages(torch.utils.data.Dataset):
     """Images a generator exported (``handforge generate``), with their labels and conditions."""
 
     def __init__(self, config: GeneratedConfig, split: str = "train"):
-        if split not in ("train", "val"):
-            raise DataError(f"generated: split must be 'train' or 'val', got {split!r}")
+        check_split("generated", split)
         self.root = pathlib.Path(config.path)
         manifest = read_manifest(self.root)
         if not manifest.get("complete", False):
@@ -89,9 +88,7 @@ class GeneratedImages(torch.utils.data.Dataset):
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
     def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"generated: index {i} out of range for {len(self)} images")
-        i = i % len(self)
+        i = check_index("generated", i, len(self), "images")
         image = self._read(i)
         if hasattr(self, "image_size") and tuple(image.shape[-2:]) != self.image_size:
             raise DataError(f"{self.root / self.records[i]['file']}: {tuple(image.shape[-2:])} pixels, "

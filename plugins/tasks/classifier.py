@@ -190,16 +190,18 @@ def random_flip_shift(x: torch.Tensor, flip: bool, shift: float, generator: torc
 class ClassifierTask(Task):
     """Image classification on a budget of real images, optionally helped by generated ones."""
 
+    config_cls = ClassifierConfig
+
     def __init__(self, config=None, **_):
-        self.config = config or ClassifierConfig()
+        super().__init__(config)
         self.best: dict | None = None  # weights with the best validation top-1 so far
         self.best_top1, self.best_step = -1.0, -1
 
     # -- setup --------------------------------------------------------------------------------
 
     def setup(self, run):
+        self.bind(run)
         cfg, acc = self.config, run.accelerator
-        self.run, self.accelerator, self.device = run, acc, acc.device
         self.class_names = run.class_names
         if len(self.class_names) < 2:
             raise HandforgeError(f"task 'classifier': dataset '{run.recipe.data.name}' exposes "

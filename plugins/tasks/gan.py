@@ -120,14 +120,13 @@ def takes_two_arguments(fn) -> bool:
 class GanTask(Task):
     """Adversarial training of a (conditional) generator and discriminator, with an EMA generator."""
 
-    def __init__(self, config=None, **_):
-        self.config = config or GanConfig()
+    config_cls = GanConfig
 
     # -- setup --------------------------------------------------------------------------------
 
     def setup(self, run):
+        self.bind(run)
         cfg, acc = self.config, run.accelerator
-        self.run, self.accelerator, self.device = run, acc, acc.device
         size, n_classes = self._image_size(run.dataset), len(run.class_names)
 
         self.g_cond = run.components["g_conditioner"].build(role="generator", n_classes=n_classes, image_size=size)

@@ -145,14 +145,13 @@ def predict_coords(model: nn.Module, images: torch.Tensor, device, batch_size: i
 class KeypointsTask(Task):
     """2D hand keypoint regression (direct or heatmap head), scored by PCK."""
 
-    def __init__(self, config=None, **_):
-        self.config = config or KeypointsConfig()
+    config_cls = KeypointsConfig
 
     # -- setup --------------------------------------------------------------------------------
 
     def setup(self, run):
+        self.bind(run)
         cfg, acc = self.config, run.accelerator
-        self.run, self.accelerator, self.device = run, acc, acc.device
         self.image_size = square_image_size(run.dataset, "task 'keypoints'")
         component = run.components["regressor"]
         model = component.build(role="keypoints", image_size=self.image_size, num_keypoints=N_KEYPOINTS,
