@@ -14,6 +14,7 @@ import shutil
 from safetensors.torch import load_file, save_file, save_model
 
 from .errors import HandforgeError
+from .run_paths import run_path
 
 STEP_PREFIX = "step_"
 TRAIN_STATE = "train_state.json"
@@ -41,7 +42,8 @@ def save_weights(module, path: pathlib.Path) -> None:
 class CheckpointManager:
     def __init__(self, accelerator, run_dir: pathlib.Path, keep_last: int):
         self.accelerator = accelerator
-        self.dir = pathlib.Path(run_dir) / "checkpoints"
+        self.run_dir = pathlib.Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
         self.keep_last = keep_last
 
     def complete(self) -> list[pathlib.Path]:
@@ -59,8 +61,11 @@ class CheckpointManager:
     def save(self, task, train_state: dict, name: str | None = None) -> pathlib.Path:
         """Save on every process (each writes its RNG state); the main process renames and rotates."""
         acc = self.accelerator
-        final = self.dir / (name or f"{STEP_PREFIX}{train_state['step']:08d}")
-        tmp = self.dir / f".tmp-{final.name}"
+        final_name = name or f"{STEP_PREFIX}{train_state['step']:08d}"
+        # Every process checks (the same files): none writes through a link out of the run.
+        final = run_path(self.run_dir, "checkpoints", final_name)
+        tmp = run_path(self.run_dir, "checkpoints", f".tmp-{final_name}")
+        run_path(self.run_dir, "checkpoints", f".old-{final_name}")
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

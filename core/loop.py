@@ -20,10 +20,12 @@ from .errors import HandforgeError, NonFiniteLossError
 from .fileio import atomic_write_bytes
 from .imaging import save_grid
 from .plugin_manager import get_host
+from .run_paths import check_run_dir, run_folder, run_path
 from .task import RunContext
 from .toml_writer import dump as dump_toml
 
 SAMPLE_GRID_SIZE = 64
+TRACKER_PROJECT = "tb"  # TensorBoard events go to tensorboard/tb/
 
 
 class BatchStream:
@@ -97,10 +99,10 @@ def _check_finite(logs: dict, step: int, accelerator, last_checkpoint) -> None:
 
 
 def _write_run_files(recipe, host, run_dir: pathlib.Path) -> None:
-    dump_toml(recipe.to_dict(), run_dir / "recipe.toml")
+    dump_toml(recipe.to_dict(), run_path(run_dir, "recipe.toml"))
     lines = sorted({f"{p.dist}=={p.version}" if p.dist else f"{p.name}  # local file" for p in host.plugins
                     if not p.error})
-    atomic_write_bytes(run_dir / "plugins.lock", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(run_path(run_dir, "plugins.lock"), ("\n".join(lines) + "\n").encode())
 
 
 def _save_samples(run, fixed_batch, step: int) -> None:
@@ -113,7 +115,7 @@ def _save_samples(run, fixed_batch, step: int) -> None:
     labels = fixed_batch.get("label")
     captions = [names[i] for i in labels[: len(out["image"])].tolist()] if names and labels is not None else None
     keypoints = out.get("keypoints")
-    save_grid(run.run_dir / "samples" / f"step_{step:08d}.png", out["image"].float().cpu(),
+    save_grid(run_path(run.run_dir, "samples", f"step_{step:08d}.png"), out["image"].float().cpu(),
               keypoints=None if keypoints is None else keypoints.cpu(), captions=captions)
 
 
@@ -137,11 +139,12 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         acc, recipe = self.accelerator, self.recipe
         # Every process checks before any writes, so all of them stop together.
+        check_run_dir(recipe.output_dir, recipe.name)
         if self.checkpoints.latest() is not None and not recipe.resume:
             raise HandforgeError(f"{self.run_dir} already holds checkpoints: add resume=true to continue "
                                  f"that run, or name=<new name> to start another")
         if acc.is_main_process:
-            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            run_folder(self.run_dir, "samples")
             _write_run_files(recipe, self.host, self.run_dir)
         acc.wait_for_everyone()
 
@@ -174,8 +177,9 @@ class Trainer:
         fixed_batch = send_to_device(first_samples(dataset, SAMPLE_GRID_SIZE), acc.device)
 
         if cfg.tensorboard:
-            acc.init_trackers("tb")
-        log = MetricsLog(acc, self.run_dir / "metrics.jsonl", cfg.tensorboard)
+            run_path(self.run_dir, "tensorboard", TRACKER_PROJECT)  # the tracker writes below it
+            acc.init_trackers(TRACKER_PROJECT)
+        log = MetricsLog(acc, run_path(self.run_dir, "metrics.jsonl"), cfg.tensorboard)
         last_checkpoint = self.checkpoints.latest()
         status = "failed"
         self.hooks.on_run_start(run=run)
@@ -223,7 +227,7 @@ class Trainer:
         progress.close()
         if acc.is_main_process:
             for name, module in run.task.export_modules().items():
-                save_weights(module, self.run_dir / "weights" / f"{name}.safetensors")
+                save_weights(module, run_path(self.run_dir, "weights", f"{name}.safetensors"))
         acc.wait_for_everyone()
         closing = run.task.finish()
         if closing:

@@ -314,6 +314,26 @@ def apply_overrides(raw: dict, overrides) -> dict:
     return raw
 
 
+def run_name_problems(name: str) -> list[str]:
+    """Why ``name`` cannot name a run directory: it must be one path component, so that the run
+    stays inside ``output_dir`` (``../x`` or ``/tmp/x`` would write elsewhere)."""
+    if not isinstance(name, str):
+        return []  # already reported as a type problem
+    reasons = []
+    if not name.strip():
+        reasons.append("is empty")
+    elif name in (".", ".."):
+        reasons.append(f"is {name!r}, which is not a folder of its own")
+    elif pathlib.PurePosixPath(name).is_absolute() or pathlib.PureWindowsPath(name).is_absolute():
+        reasons.append("is an absolute path")
+    elif "/" in name or "\\" in name:
+        reasons.append("holds a path separator")
+    if "\0" in name:
+        reasons.append("holds a NUL character")
+    return [f"name: {name!r} {reason}; the run directory is <output_dir>/<name>, so a name is one folder "
+            f"name (letters, digits, - _ .), never a path" for reason in reasons]
+
+
 class _Resolver:
     def __init__(self, host, source):
         self.host, self.source, self.problems = host, source, []
@@ -377,6 +397,7 @@ def resolve(raw: dict, source=None, host=None) -> Recipe:
 
     default_name = source.stem if source else "run"
     name, seed = r.scalar(raw, "name", default_name), r.scalar(raw, "seed", 0)
+    r.problems.extend(run_name_problems(name))
     output_dir, resume = r.scalar(raw, "output_dir", "runs"), r.scalar(raw, "resume", False)
     train = r.section(raw, "train", TrainConfig)
     eval_raw = dict(raw.get("eval", {})) if isinstance(raw.get("eval", {}), dict) else raw["eval"]

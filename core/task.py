@@ -103,6 +103,13 @@ class RunContext:
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
 
+    def path(self, *parts):
+        """``run_dir / parts`` for a file the task writes, refused if a symbolic link would lead the
+        write out of the run directory (see :func:`handforge.run_paths.run_path`)."""
+        from .run_paths import run_path
+
+        return run_path(self.run_dir, *parts)
+
     @property
     def device(self) -> torch.device:
         return self.accelerator.device

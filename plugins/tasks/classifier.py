@@ -25,6 +25,7 @@ matrix), ``test/report.md`` and ``test/confusion.png``.
 from __future__ import annotations
 
 import copy
+import io
 import math
 from typing import Literal
 
@@ -39,6 +40,7 @@ from handforge import hookimpl
 from handforge.data import build_loader, collate
 from handforge.errors import HandforgeError
 from handforge.fileio import atomic_write_bytes
+from handforge.run_paths import run_path
 from handforge.task import Slot, Task
 
 from .classifier_modes import MODES, Mode, draw, mode_loss, schedule
@@ -437,10 +439,10 @@ def write_test_report(task, run_dir) -> dict:
     ``test/confusion.png`` under ``run_dir`` (when given), and return the metrics record."""
     report = task.test_report()
     if run_dir is not None:
-        out = run_dir / "test"
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "report.md", markdown_report(report, task.class_names).encode())
-        confusion_png(report["confusion"], task.class_names).save(out / "confusion.png")
+        atomic_write_bytes(run_path(run_dir, "test", "report.md"), markdown_report(report, task.class_names).encode())
+        buffer = io.BytesIO()  # written atomically, like every file of a run: a link is replaced, not followed
+        confusion_png(report["confusion"], task.class_names).save(buffer, format="PNG")
+        atomic_write_bytes(run_path(run_dir, "test", "confusion.png"), buffer.getvalue())
     return {"type": "test", **{k: v for k, v in report.items() if k != "per_class"},
             **{f"test_acc/{name}": value for name, value in report["per_class"].items()}}
 

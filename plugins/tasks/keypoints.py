@@ -289,7 +289,7 @@ class KeypointsTask(Task):
         predicted = self.predict_val()
         if self.run.is_main_process and self.config.overlay_count:
             step = self.run.step if step is None else step
-            self.write_overlay(self.run.run_dir / "overlays" / f"step_{step:08d}.png", predicted)
+            self.write_overlay(self.run.path("overlays", f"step_{step:08d}.png"), predicted)
         return self.report(predicted)
 
     def write_overlay(self, path, predicted: torch.Tensor) -> pathlib.Path:
@@ -338,7 +338,7 @@ class KeypointsTask(Task):
             record.update({f"best/{k}": value for k, value in rows[f"best (step {step})"].items()})
             record["best_step"] = step
         if self.run.is_main_process:
-            atomic_write_bytes(pathlib.Path(self.run.run_dir) / "final" / "report.md",
+            atomic_write_bytes(self.run.path("final", "report.md"),
                                markdown_report(rows, len(self.val_images), self.image_size).encode())
         last = rows["last"]
         self.accelerator.print(f"val PCK@0.05 {last['pck@0.05']:.3f}, EPE {last['epe_px']:.2f} px (last weights)"
