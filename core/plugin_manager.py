@@ -24,6 +24,18 @@ ENTRY_POINT_GROUP = "handforge"
 BUILTIN_PACKAGE = "handforge.plugins"  # lists its modules in BUILTIN_MODULES
 
 
+# What a plugin's own code may raise besides Exception and still only fail that plugin: sys.exit()
+# (SystemExit) or any other BaseException. A Ctrl-C (KeyboardInterrupt) and a closing generator
+# (GeneratorExit) are not the plugin's failure and go on up.
+NOT_PLUGIN_FAILURES = (KeyboardInterrupt, GeneratorExit)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: the plugin called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -80,8 +92,10 @@ class PluginHost:
             info = PluginInfo(ep.name, "entrypoint", dist.name if dist else None, dist.version if dist else None)
             try:
                 module = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import error must not break the others
-                self._record_failure(info, f"import failed: {type(exc).__name__}: {exc}", strict)
+            except NOT_PLUGIN_FAILURES:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - any import error (sys.exit too) must not break the others
+                self._record_failure(info, f"import failed: {_describe(exc)}", strict)
                 continue
             self._add(module, info, fatal=strict)
 
@@ -102,9 +116,13 @@ class PluginHost:
         try:
             sys.modules[module_name] = module
             spec.loader.exec_module(module)
-        except Exception as exc:
+        except NOT_PLUGIN_FAILURES:
             sys.modules.pop(module_name, None)
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in the file too
+            sys.modules.pop(module_name, None)
+            detail = (_describe(exc) if isinstance(exc, SystemExit)
+                      else traceback.format_exception_only(type(exc), exc)[-1].strip())
             raise PluginError(f"plugin file {file} failed to import: {detail}") from exc
         info = PluginInfo(str(file), "local")
         self._add(module, info, fatal=True)
@@ -124,8 +142,10 @@ class PluginHost:
         """Register one plugin, check its hook names, and let it fill the registries."""
         try:
             self.pm.register(module, name=info.name)
-        except Exception as exc:  # pluggy.PluginValidationError: a hook with wrong arguments
-            self._record_failure(info, f"invalid hook: {exc}", fatal)
+        except NOT_PLUGIN_FAILURES:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pluggy.PluginValidationError: a hook with wrong arguments
+            self._record_failure(info, f"invalid hook: {exc if isinstance(exc, Exception) else _describe(exc)}", fatal)
             return
         callers = self.pm.get_hookcallers(module) or []
         info.hooks = sorted(c.name for c in callers if any(i.plugin is module for i in c.get_hookimpls()))
@@ -145,11 +165,14 @@ class PluginHost:
                         before = set(registry.names())
                         impl.function(register=make_register(registry, info.name, info.dist, info.version))
                         added += [(registry, n) for n in set(registry.names()) - before]
-        except Exception as exc:  # a registration error (duplicate name, bad config class, ...)
+        except NOT_PLUGIN_FAILURES:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a registration error (duplicate name, bad config class, sys.exit, ...)
             for registry, name in added:
                 registry.remove(name)
             self.pm.unregister(module)
-            self._record_failure(info, f"registration failed: {exc}", fatal)
+            detail = _describe(exc) if not isinstance(exc, Exception) else str(exc)
+            self._record_failure(info, f"registration failed: {detail}", fatal)
             return
         self.pm.check_pending()
         self.plugins.append(info)

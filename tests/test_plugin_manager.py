@@ -24,6 +24,17 @@ def register_loss(register):
 """
 
 
+EXITING_PLUGIN = "import sys\nsys.exit(0)  # a module written as a script\n"
+EXIT_ON_REGISTER_PLUGIN = """
+import sys
+from handforge import hookimpl
+
+@hookimpl
+def register_losses(register):
+    sys.exit(3)
+"""
+
+
 def make_distribution(root, dist, version, module, source):
     """Write an importable module plus a dist-info with a 'handforge' entry point."""
     (root / f"{module}.py").write_text(textwrap.dedent(source))
@@ -38,7 +49,7 @@ def site(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("HANDFORGE_DISABLE_PLUGIN_AUTOLOAD", "0")
     yield tmp_path
-    for name in ("hf_good", "hf_broken", "hf_misspelled"):
+    for name in ("hf_good", "hf_broken", "hf_misspelled", "hf_exiting", "hf_exit_on_register"):
         sys.modules.pop(name, None)
 
 
@@ -119,3 +130,53 @@ def test_duplicate_component_from_second_plugin_fails_that_plugin_only(site, tmp
     with pytest.raises(PluginError, match=r"registered twice: by hf_good \(hf-good 1.2.0\) and by .*dup.py"):
         host.load_file(dup)
     assert host.registry("loss").get("test_l2").dist == "hf-good"
+
+
+@pytest.mark.parametrize("module, source, failure", [
+    ("hf_exiting", EXITING_PLUGIN, "import failed: SystemExit: the plugin called sys.exit(0)"),
+    ("hf_exit_on_register", EXIT_ON_REGISTER_PLUGIN, "registration failed: SystemExit: the plugin called sys.exit(3)"),
+])
+def test_a_plugin_calling_sys_exit_fails_only_itself(site, monkeypatch, module, source, failure):
+    make_distribution(site, "hf-good", "1.2.0", "hf_good", GOOD_PLUGIN)
+    make_distribution(site, module.replace("_", "-"), "0.0.2", module, source)
+    host = PluginHost()
+    host.load_entrypoints()  # no SystemExit escapes
+    plugins = loaded(host)
+    assert plugins[module].error == failure
+    assert host.registry("loss").get("test_l2").dist == "hf-good" and plugins["hf_good"].error is None
+    label = rf"{module} \({module.replace('_', '-')} 0\.0\.2\)"
+    with pytest.raises(RegistryError, match=label):
+        host.registry("loss").get("something_it_would_have_provided")
+    monkeypatch.setenv("HANDFORGE_STRICT_PLUGINS", "1")
+    sys.modules.pop(module, None)
+    with pytest.raises(PluginError, match=rf"plugin {label} failed: .*SystemExit"):
+        PluginHost().load_entrypoints()
+
+
+def test_sys_exit_in_an_entry_point_does_not_end_the_command(site):
+    """Through the real entry point, in a fresh interpreter: before, `handforge` exited 0 silently."""
+    from conftest import run_cli
+
+    make_distribution(site, "hf-good", "1.2.0", "hf_good", GOOD_PLUGIN)
+    make_distribution(site, "hf-exiting", "0.0.2", "hf_exiting", EXITING_PLUGIN)
+    env = {"PYTHONPATH": str(site), "HANDFORGE_DISABLE_PLUGIN_AUTOLOAD": "0"}
+    listing = run_cli("plugins", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert "hf_exiting  [hf-exiting 0.0.2]  FAILED: import failed: SystemExit: the plugin called sys.exit(0)" in listing.stdout
+    losses = run_cli("list", "loss", env=env)
+    assert losses.returncode == 0 and "test_l2" in losses.stdout, losses.stderr
+    strict = run_cli("list", "loss", env={**env, "HANDFORGE_STRICT_PLUGINS": "1"})
+    assert strict.returncode == 2 and strict.stdout == ""
+    lines = strict.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plugin hf_exiting (hf-exiting 0.0.2) failed: import failed: SystemExit" in lines[0]
+
+
+def test_a_local_plugin_file_calling_sys_exit_is_a_plugin_error(tmp_path):
+    exiting = tmp_path / "exiting.py"
+    exiting.write_text(EXITING_PLUGIN)
+    with pytest.raises(PluginError, match=r"exiting\.py failed to import: SystemExit: the plugin called sys\.exit\(0\)"):
+        PluginHost().load_file(exiting)
+    registering = tmp_path / "registering.py"
+    registering.write_text(EXIT_ON_REGISTER_PLUGIN)
+    with pytest.raises(PluginError, match=r"registering\.py failed: registration failed: SystemExit"):
+        PluginHost().load_file(registering)
