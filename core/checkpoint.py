@@ -1,7 +1,8 @@
 """Checkpoints: Accelerate's state plus our train state, written atomically, rotated, loaded safely.
 
 A checkpoint directory holds what ``accelerator.save_state`` writes (model weights as
-safetensors, optimizer and RNG states loaded back with ``weights_only=True``), the task's extra
+safetensors, optimizer and RNG states loaded back with ``weights_only=True``; an RNG state file
+that is missing or holds anything but RNG states stops the load), the task's extra
 tensors (``task_state.safetensors``) and ``train_state.json``. It is written under a temporary
 name and renamed when complete, so a kill during a save leaves the previous one loadable; a
 directory without ``train_state.json`` is never taken for a checkpoint.
@@ -9,7 +10,11 @@ directory without ``train_state.json`` is never taken for a checkpoint.
 import json
 import os
 import pathlib
+import random
 import shutil
+
+import numpy as np
+import torch
 
 from safetensors.torch import load_file, save_file, save_model
 
@@ -19,6 +24,56 @@ from .run_paths import run_path
 STEP_PREFIX = "step_"
 TRAIN_STATE = "train_state.json"
 TASK_STATE = "task_state.safetensors"
+
+
+def rng_state_file(folder: pathlib.Path, process_index: int) -> pathlib.Path:
+    """The file where ``accelerator.save_state`` keeps one process's RNG states."""
+    from accelerate.utils import RNG_STATE_NAME
+
+    return pathlib.Path(folder) / f"{RNG_STATE_NAME}_{process_index}.pkl"
+
+
+def _rng_state_problem(states) -> str | None:
+    """What is wrong with loaded RNG states, or None: each is applied to a private generator of its
+    kind (never the global ones), which checks it as ``setstate`` will."""
+    if not isinstance(states, dict):
+        return f"holds a {type(states).__name__}, not the dict of RNG states"
+    missing = [k for k in ("random_state", "numpy_random_seed", "torch_manual_seed") if k not in states]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    try:
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        if not (torch.is_tensor(states["torch_manual_seed"]) and states["torch_manual_seed"].dtype == torch.uint8):
+            return "torch_manual_seed is not a uint8 tensor"
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
+        return f"an RNG state does not fit its generator ({type(exc).__name__}: {exc})"
+    cuda = states.get("torch_cuda_manual_seed", [])
+    if not (isinstance(cuda, list) and all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in cuda)):
+        return "torch_cuda_manual_seed is not a list of uint8 tensors"
+    return None
+
+
+def check_rng_states(file: pathlib.Path) -> None:
+    """Refuse a missing, damaged or planted RNG state file before ``accelerator.load_state`` reads it:
+    Accelerate only logs when it cannot load one and goes on, and the resumed run is then silently
+    no longer exact. Read with ``torch.load(weights_only=True)`` (Accelerate's loader and its numpy
+    allow-list): a pickle naming any other global is refused, never run."""
+    from accelerate.utils import load
+
+    advice = ("the run cannot resume exactly; remove this checkpoint folder to resume from an earlier "
+              "one, or start a new run")
+    if not file.is_file():
+        raise HandforgeError(f"{file}: missing; {advice}")
+    try:
+        states = load(str(file), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - refused by weights_only, truncated, not a pickle at all
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise HandforgeError(f"{file}: not an RNG state file ({type(exc).__name__}: {first_line}); {advice}") from None
+    problem = _rng_state_problem(states)
+    if problem:
+        raise HandforgeError(f"{file}: not the RNG states a checkpoint saves: {problem}; {advice}")
 
 
 def atomic_replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
@@ -91,6 +146,7 @@ class CheckpointManager:
             raise HandforgeError(f"{path} is not a complete checkpoint (no {TRAIN_STATE})")
         try:
             train_state = json.loads(state_file.read_text())
+            check_rng_states(rng_state_file(path, self.accelerator.process_index))
             self.accelerator.load_state(str(path))
             task.load_state_dict(load_file(str(path / TASK_STATE)))
         except HandforgeError:
