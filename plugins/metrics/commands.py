@@ -9,6 +9,7 @@ A SRC is an image folder, a run directory or ``dataset:NAME[:key=value,...]`` (:
 from __future__ import annotations
 
 import json
+import pathlib
 import time
 
 import attrs
@@ -48,8 +49,9 @@ def configure_evaluate(p) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def build_metric(name: str, args, host):
-    """The metric component ``name`` with the options the command line gave it."""
+def resolve_metric(name: str, args, host):
+    """The metric component ``name`` with the options the command line gave it, validated but not
+    built (building looks up weight files)."""
     from handforge.recipe import resolve_component
 
     entry = host.registry("metric").get(name)  # unknown name: an error listing near matches
@@ -59,7 +61,14 @@ def build_metric(name: str, args, host):
         value = getattr(args, flag, None)
         if value is not None and flag in fields:
             table[flag] = value
-    metric = resolve_component(table, "metric", f"--metrics {name}", host=host).build()
+    return resolve_component(table, "metric", f"--metrics {name}", host=host)
+
+
+def build_metric(name: str, args, host, component=None):
+    """The metric ``name`` built with the options the command line gave it."""
+    component = component or resolve_metric(name, args, host)
+    entry = component.entry
+    metric = component.build()
     if not callable(getattr(metric, "measure", None)):
         raise HandforgeError(f"metric '{name}' ({entry.origin}) measures a training run only; "
                              f"it cannot be run on --real/--fake sources")
@@ -71,7 +80,6 @@ def evaluate(args, host=None) -> dict:
     from handforge.plugin_manager import get_host
 
     from .inputs import SourceInputs
-    from .sources import open_source
 
     host = host or get_host()
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
@@ -79,13 +87,12 @@ def evaluate(args, host=None) -> dict:
         raise HandforgeError("--metrics: name at least one metric (e.g. --metrics fid,prdc)")
     if args.num is not None and args.num < 2:
         raise HandforgeError(f"--num must be at least 2, got {args.num}")
-    metrics = [(name, build_metric(name, args, host)) for name in names]  # all checked before any image is read
+    components = [(name, resolve_metric(name, args, host)) for name in names]  # names and options first
     if not (args.real or args.fake):
         raise HandforgeError("give --real and/or --fake images")
     started = time.perf_counter()
-    sources = {side: open_source(getattr(args, side), num=args.num, seed=args.seed, skip_bad=args.skip_bad,
-                                 option=f"--{side}", host=host) if getattr(args, side) else None
-               for side in ("real", "fake")}
+    sources = open_sources(args, host)  # every input problem, before any weight file is looked up
+    metrics = [(name, build_metric(name, args, host, component)) for name, component in components]
     inputs = SourceInputs(sources["real"], sources["fake"], batch_size=args.batch_size or 64,
                           cache=not args.no_cache, device=args.device)
     values = {}
@@ -97,6 +104,36 @@ def evaluate(args, host=None) -> dict:
         if source is not None:
             report[side] = {"source": source.description, "images": len(source), "skipped": source.skipped}
     return report
+
+
+def open_sources(args, host) -> dict:
+    """The ``--real`` and ``--fake`` sources (None where not given), each opened and its images
+    checked (:meth:`Source.problems`); the problems of both sides are reported together."""
+    from .sources import open_source
+
+    sources, problems = {}, []
+    for side in ("real", "fake"):
+        text, option = getattr(args, side), f"--{side}"
+        sources[side] = None
+        if not text:
+            continue
+        try:
+            source = open_source(text, num=args.num, seed=args.seed, skip_bad=args.skip_bad, option=option, host=host)
+        except HandforgeError as exc:
+            message = str(exc)
+            if message.startswith(option):
+                problems.append(message)
+            else:  # a message that names its file or folder needs only the option before it
+                named = message.startswith((text, str(pathlib.Path(text))))
+                problems.append(f"{option} {message}" if named else f"{option} {text}: {message}")
+            continue
+        problems += [f"{option} {problem}" for problem in source.problems()]
+        sources[side] = source
+    if len(problems) == 1:
+        raise HandforgeError(problems[0])
+    if problems:
+        raise HandforgeError(f"{len(problems)} problems with the input images:\n" + "\n".join(f"  - {p}" for p in problems))
+    return sources
 
 
 def cmd_evaluate(args) -> int:

@@ -39,6 +39,7 @@ from handforge.runs import WEIGHTS_FOLDER, load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DATASET_PREFIX = "dataset:"
+MAX_LISTED = 10  # unreadable files named one by one in an input report; the rest are counted
 
 
 @attrs.frozen
@@ -73,6 +74,11 @@ class Source:
     @property
     def has_labels(self) -> bool:
         return bool(self.class_names)
+
+    def problems(self) -> list[str]:
+        """What can be found wrong with the images without computing anything (no weights, no
+        model): each problem a line naming its file. Empty: nothing found."""
+        return []
 
     def read_all(self, batch_size: int = 64) -> Batch:
         """Every image (and label, keypoints) at once."""
@@ -164,6 +170,29 @@ class FolderSource(Source):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def problems(self) -> list[str]:
+        """Files that are not images (or are truncated), and images of another size than the rest,
+        found from the files' headers and checksums without decoding the pixels. With ``skip_bad``
+        unreadable files are left for reading to skip and count."""
+        unreadable, sizes = [], {}
+        for file in self.files:
+            try:
+                with Image.open(file) as image:
+                    size = image.size
+                    image.verify()  # PNG: every chunk's CRC, so a truncated or altered file shows now
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+                unreadable.append(f"{file}: cannot read the image ({type(exc).__name__}: {exc})")
+                continue
+            sizes.setdefault(size, []).append(file)
+        found = [] if self.skip_bad else unreadable[:MAX_LISTED]
+        if len(found) < len(unreadable) and not self.skip_bad:
+            found.append(f"{self.root}: {len(unreadable) - MAX_LISTED} more files cannot be read either")
+        if len(sizes) > 1:
+            counts = sorted(sizes.items(), key=lambda item: -len(item[1]))
+            listed = "; ".join(f"{len(files)} are {w}x{h} (e.g. {files[0]})" for (w, h), files in counts)
+            found.append(f"{self.root}: the images of one folder must share one size, and {listed}")
+        return found
 
     def _read(self, file: pathlib.Path) -> np.ndarray | None:
         try:
