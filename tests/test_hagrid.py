@@ -279,7 +279,8 @@ def edit_entry(ann: pathlib.Path, gesture: str, key: str, change):
 BAD_ENTRIES = [
     ("box outside the image", r"hand 0: box \[1\.2, 0\.1, 0\.1, 0\.1\] lies outside the image",
      lambda e: e["bboxes"].__setitem__(0, [1.2, 0.1, 0.1, 0.1])),
-    ("NaN landmarks", r"hand 0: landmarks hold NaN", lambda e: e["landmarks"][0][3].__setitem__(0, float("nan"))),
+    ("non-finite keypoints", r"hand 0: landmarks hold NaN at joint 3, coordinate 0, not a finite number",
+     lambda e: e["landmarks"][0][3].__setitem__(0, float("nan"))),
     ("bad landmarks", r"hand 0: landmarks expected 21 \[x, y\] pairs, got shape \(20, 2\)",
      lambda e: e["landmarks"][0].pop()),
     ("malformed annotation", r"no 'user_id'", lambda e: e.pop("user_id")),

@@ -127,7 +127,7 @@ def test_bad_keypoint_files_raise_naming_the_entry_or_skip_counted(tmp_path, cap
     table = {"a.png": good, "b.png": good[:20], "c.png": nan, "ghost.png": good}  # d.png: no entry
     (tmp_path / "keypoints.json").write_text(json.dumps(table))
     cases = [(r"entry 'b\.png': expected 21 \[x, y, visibility\] triples", {}),
-             (r"entry 'c\.png': joint 7 is visible but its x or y is null/NaN", {"b.png": good}),
+             (r"entry 'c\.png': NaN at joint 7, value 0, not a finite number", {"b.png": good}),
              (r"entry 'ghost\.png': names no image in", {"b.png": good, "c.png": good}),
              (r"d\.png: has no entry in keypoints\.json", {"b.png": good, "c.png": good, "ghost.png": None})]
     for message, fixes in cases:
@@ -139,7 +139,7 @@ def test_bad_keypoint_files_raise_naming_the_entry_or_skip_counted(tmp_path, cap
     data = build(tmp_path, on_error="skip")
     assert data.files == ["a.png"]
     err = capsys.readouterr().err
-    for counted in ("1 malformed keypoints", "1 NaN keypoints", "1 keypoints without image", "1 no keypoints"):
+    for counted in ("1 malformed keypoints", "1 non-finite keypoints", "1 keypoints without image", "1 no keypoints"):
         assert counted in err
     (tmp_path / "keypoints.json").write_text(json.dumps(table)[:40])
     with pytest.raises(DataError, match=r"keypoints\.json: not valid JSON"):

@@ -45,7 +45,7 @@ from handforge.errors import DataError, HandforgeError, RecipeError
 from handforge.fileio import atomic_write_bytes
 from handforge.imaging import to_uint8
 
-from .bad_data import read_json
+from .bad_data import check_finite, read_json
 
 FORMAT, LAYOUT = "handforge-cache", 1
 INFO_FILE, FIELDS_FILE = "cache.json", "fields.npz"
@@ -329,6 +329,9 @@ class Cached(torch.utils.data.Dataset):
             got = {k: list(a.shape) for k, a in arrays.items()}
             raise DataError(f"{file}: holds {got}, cache.json says "
                             f"{ {k: s['shape'] for k, s in specs.items()} }; prepare the cache again")
+        for name, array in arrays.items():  # keypoints, poses: finite, as in every dataset
+            if np.issubdtype(array.dtype, np.floating):
+                check_finite(array, f"{file} '{name}'", axes=("sample",))
         return {k: torch.from_numpy(a) for k, a in arrays.items()}
 
     def __getstate__(self):

@@ -26,7 +26,7 @@ from handforge.data import N_KEYPOINTS
 from handforge.errors import DataError, HandforgeError
 from handforge.fileio import atomic_write_bytes
 
-from .bad_data import read_json
+from .bad_data import check_finite, read_json
 
 VERSIONS = 4  # FreiHAND v2: gs, hom, sample, auto
 SOURCE = "FreiHAND"
@@ -44,7 +44,7 @@ def _load_json(path: pathlib.Path):
     return read_json(path)
 
 
-def _array(path: pathlib.Path, data, shape: tuple, what: str) -> np.ndarray:
+def _array(path: pathlib.Path, data, shape: tuple, what: str, axes: tuple) -> np.ndarray:
     """``data`` as float64 of shape (n, *shape); a bad item is reported by its index."""
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty list of {what}, got {type(data).__name__}"
@@ -52,9 +52,7 @@ def _array(path: pathlib.Path, data, shape: tuple, what: str) -> np.ndarray:
     try:
         array = np.asarray(data, dtype=np.float64)
         if array.shape[1:] == shape:
-            bad = ~np.isfinite(array).reshape(len(array), -1).all(axis=1)
-            if bad.any():
-                raise DataError(f"{path}: item {int(np.argmax(bad))} holds a non-finite number (NaN or inf)")
+            check_finite(array, path, axes=("item", *axes))  # a null becomes NaN here: refused too
             return array
     except (ValueError, TypeError):  # ragged lists or non-numbers: find the first culprit below
         pass
@@ -71,8 +69,9 @@ def _array(path: pathlib.Path, data, shape: tuple, what: str) -> np.ndarray:
 def load_annotations(root: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     """``(K (n, 3, 3), xyz (n, 21, 3))`` from a FreiHAND root, checked."""
     k_path, xyz_path = root / K_FILE, root / XYZ_FILE
-    K = _array(k_path, _load_json(k_path), (3, 3), "3x3 intrinsic matrices")
-    xyz = _array(xyz_path, _load_json(xyz_path), (N_KEYPOINTS, 3), f"{N_KEYPOINTS} [x, y, z] joints")
+    K = _array(k_path, _load_json(k_path), (3, 3), "3x3 intrinsic matrices", ("row", "column"))
+    xyz = _array(xyz_path, _load_json(xyz_path), (N_KEYPOINTS, 3), f"{N_KEYPOINTS} [x, y, z] joints",
+                 ("joint", "coordinate"))
     if len(K) != len(xyz):
         raise DataError(f"{k_path} has {len(K)} matrices but {xyz_path} has {len(xyz)} joint lists; "
                         f"they must describe the same samples")

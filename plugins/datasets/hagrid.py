@@ -61,8 +61,8 @@ from attrs import validators as v
 from handforge import hookimpl
 from handforge.data import N_KEYPOINTS, check_split
 from handforge.errors import DataError
-from handforge.plugins.datasets.bad_data import (ON_ERROR_HELP, BadData, FileSamples, OnError, read_json,
-                                                 read_rgb_reduced)
+from handforge.plugins.datasets.bad_data import (NON_FINITE, ON_ERROR_HELP, BadData, FileSamples, OnError,
+                                                 non_finite, read_json, read_rgb_reduced)
 from handforge.plugins.datasets.keypoint_json import PADS, cut_and_resize
 
 NO_GESTURE = "no_gesture"
@@ -188,21 +188,18 @@ def _box(value) -> tuple[float, float, float, float] | None:
     return max(x, 0.0), max(y, 0.0), min(x + w, 1.0), min(y + h, 1.0)
 
 
-def _landmarks(value) -> np.ndarray | str | None:
-    """(21, 2) landmarks, None when there are none, or the text of what is wrong with them."""
+def _landmarks(value) -> np.ndarray | tuple[str, str] | None:
+    """(21, 2) landmarks, None when there are none, or (what is wrong with them, its kind)."""
     if value is None or (isinstance(value, list) and not value):
         return None
     try:
         points = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError):
-        return f"expected {N_KEYPOINTS} [x, y] pairs of numbers"
+        return f"expected {N_KEYPOINTS} [x, y] pairs of numbers", "bad landmarks"
     if points.shape != (N_KEYPOINTS, 2):
-        return f"expected {N_KEYPOINTS} [x, y] pairs, got shape {points.shape}"
-    if np.isnan(points).any():
-        return "hold NaN"
-    if not np.isfinite(points).all():
-        return "hold an infinite value"
-    return points
+        return f"expected {N_KEYPOINTS} [x, y] pairs, got shape {points.shape}", "bad landmarks"
+    problem = non_finite(points, axes=("joint", "coordinate"))
+    return (f"hold {problem}", NON_FINITE) if problem else points
 
 
 # -- decoding --------------------------------------------------------------------------------------
@@ -343,9 +340,8 @@ class Hagrid(FileSamples):
                 self.bad.problem(where, f"hand {i}: box {value!r} lies outside the image", "box outside the image")
                 return []
             points = _landmarks(points)
-            if isinstance(points, str):
-                kind = "NaN landmarks" if "NaN" in points else "bad landmarks"
-                self.bad.problem(where, f"hand {i}: landmarks {points}", kind)
+            if isinstance(points, tuple):
+                self.bad.problem(where, f"hand {i}: landmarks {points[0]}", points[1])
                 return []
             if points is None and self.config.landmarks_only:
                 continue

@@ -17,7 +17,8 @@ the visibility is 0. A value may also be an object with a ``"keypoints"`` key ho
 triples: the ``labels.json`` that ``handforge prepare`` writes is such a file. ``keypoints =
 "auto"`` reads ``keypoints.json`` in the folder when it is there; ``"none"`` reads nothing;
 anything else is a file name (relative to the folder) that must exist. An image without an entry,
-an entry without an image, and malformed or NaN keypoints are bad-data problems.
+an entry without an image, and malformed or non-finite (NaN, infinite: anywhere, visible or not)
+keypoints are bad-data problems.
 
 Every image is made square and ``size`` pixels wide (``fit``): ``pad`` keeps all of it, centred on
 a square of its longer side (``pad``: black, or the edge pixels repeated); ``crop`` keeps the
@@ -45,7 +46,7 @@ from handforge import hookimpl
 from handforge.data import N_KEYPOINTS, check_split
 from handforge.errors import DataError
 
-from .bad_data import ON_ERROR_HELP, BadData, FileSamples, OnError, read_json, read_rgb
+from .bad_data import NON_FINITE, ON_ERROR_HELP, BadData, FileSamples, OnError, non_finite, read_json, read_rgb
 from .keypoint_json import PADS, cut_and_resize
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -140,8 +141,9 @@ def provided_fields(config) -> tuple:
     return tuple(fields)
 
 
-def _keypoint_array(value) -> np.ndarray | None:
-    """``value`` as float64 (21, 3) with NaN for null, or None if it is not 21 triples of numbers."""
+def _keypoint_array(value) -> tuple[np.ndarray, np.ndarray] | None:
+    """``value`` as float64 (21, 3) with 0 for null, and where the nulls were; None if it is not 21
+    triples of numbers or nulls."""
     if isinstance(value, dict):
         value = value.get("keypoints")
     if not isinstance(value, list) or len(value) != N_KEYPOINTS:
@@ -150,20 +152,21 @@ def _keypoint_array(value) -> np.ndarray | None:
         return None
     if any(type(x) not in (int, float, type(None)) for p in value for x in p):  # a bool is no number
         return None
-    return np.array([[np.nan if x is None else x for x in p] for p in value], dtype=np.float64)
+    points = np.array([[0.0 if x is None else x for x in p] for p in value], dtype=np.float64)
+    return points, np.array([[x is None for x in p] for p in value])
 
 
-def _keypoint_problem(points: np.ndarray) -> tuple[str, str] | None:
-    """(message, kind) of what is wrong with parsed keypoints, or None."""
+def _keypoint_problem(points: np.ndarray, null: np.ndarray) -> tuple[str, str] | None:
+    """(message, kind) of what is wrong with parsed keypoints (nulls as 0, where ``null``), or None."""
+    problem = non_finite(points, axes=("joint", "value"))
+    if problem:
+        return problem, NON_FINITE
     visibility = points[:, 2]
-    if not np.isin(visibility, (0.0, 1.0)).all():
+    if null[:, 2].any() or not np.isin(visibility, (0.0, 1.0)).all():
         return "visibility must be 0 or 1", "malformed keypoints"
-    visible_xy = points[visibility == 1, :2]
-    if np.isnan(visible_xy).any():
-        joint = int(np.flatnonzero(np.isnan(points[:, :2]).any(axis=1) & (visibility == 1))[0])
-        return f"joint {joint} is visible but its x or y is null/NaN", "NaN keypoints"
-    if np.isinf(visible_xy).any():
-        return "holds an infinite coordinate", "malformed keypoints"
+    missing = null[:, :2].any(axis=1) & (visibility == 1)
+    if missing.any():
+        return f"joint {int(np.flatnonzero(missing)[0])} is visible but its x or y is null", "malformed keypoints"
     return None
 
 
@@ -179,13 +182,14 @@ def read_keypoints(path: pathlib.Path, bad: BadData) -> tuple[dict[str, np.ndarr
     keypoints, rejected = {}, set()
     for name, value in entries.items():
         where = f"{path}: entry {name!r}"
-        points = _keypoint_array(value)
-        if points is None:
+        parsed = _keypoint_array(value)
+        if parsed is None:
             bad.problem(where, f"expected {N_KEYPOINTS} [x, y, visibility] triples (normalized x, y)",
                         "malformed keypoints")
             rejected.add(name)
             continue
-        problem = _keypoint_problem(points)
+        points, null = parsed
+        problem = _keypoint_problem(points, null)
         if problem:
             bad.problem(where, *problem)
             rejected.add(name)

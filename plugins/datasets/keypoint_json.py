@@ -3,8 +3,9 @@
 A file is a list of entries ``{"image_path": ..., "keypoints": [x1, y1, ..., x21, y21], ...}``
 (``handforge prepare freihand`` writes them; other keys such as ``source`` are ignored).
 Keypoints are in pixels of the original image, continuous: the image spans [0, W] x [0, H], so
-the centre of pixel column j is j + 0.5. A joint given as null (or NaN) is not visible. A
-relative ``image_path`` is relative to the JSON file's folder.
+the centre of pixel column j is j + 0.5. A joint given as null is not visible; a NaN or infinite
+coordinate is an error naming the entry and the joint. A relative ``image_path`` is relative to
+the JSON file's folder.
 
 Each sample is ``image`` (3, size, size) in [-1, 1] and ``keypoints`` (21, 3): x, y normalized to
 the output image (u / W without a crop), visibility 1, or 0 with x = y = 0 for a missing joint.
@@ -29,7 +30,7 @@ from handforge import hookimpl
 from handforge.data import N_KEYPOINTS, check_index, check_split
 from handforge.errors import DataError
 
-from .bad_data import read_json
+from .bad_data import check_finite, read_json
 
 CROPS = ("none", "keypoints")
 PADS = ("black", "edge")
@@ -74,8 +75,9 @@ def _check_entry(entry, where: str) -> None:
                         f"[x1, y1, ..., x21, y21], got {got}")
     if any(type(x) not in NUMBER_TYPES for x in value):  # type(), not isinstance: a bool is no number
         raise DataError(f"{where} 'keypoints': holds a value that is neither a number nor null")
-    if any(x is not None and math.isinf(x) for x in value):
-        raise DataError(f"{where} 'keypoints': holds an infinite value")
+    # null is a missing joint; NaN (Python's JSON reader takes it) and inf are refused.
+    numbers = np.array([0.0 if x is None else x for x in value], dtype=np.float64).reshape(N_KEYPOINTS, 2)
+    check_finite(numbers, f"{where} 'keypoints'", axes=("joint", "coordinate"))
 
 
 def _valid(images: list, coordinates: list) -> bool:
@@ -104,9 +106,11 @@ def read_entries(path: pathlib.Path, limit: int = 0) -> tuple[list[str], np.ndar
         xy = np.array(coordinates, dtype=np.float64) if _valid(images, coordinates) else None  # None -> NaN
     except (KeyError, TypeError):
         xy = None
-    if xy is None or np.isinf(xy).any():  # something is wrong: find the first culprit for the message
+    # null and NaN both become NaN here: more NaNs than nulls means a NaN in the file.
+    if xy is None or np.isinf(xy).any() or np.isnan(xy).sum() > sum(k.count(None) for k in coordinates):
         for i, entry in enumerate(entries):
             _check_entry(entry, f"{path}: entry {i}")
+        # something is wrong: _check_entry finds the first culprit for the message
         raise DataError(f"{path}: malformed entries")  # not reached: some entry has to be at fault
     xy = xy.reshape(len(entries), N_KEYPOINTS, 2)
     visible = np.isfinite(xy).all(axis=2, keepdims=True)

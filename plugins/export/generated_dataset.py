@@ -21,7 +21,9 @@ from PIL import Image, UnidentifiedImageError
 from handforge.data import FIELDS, check_index, check_split
 from handforge.errors import DataError
 
-from .manifest import read_manifest
+from handforge.plugins.datasets.bad_data import check_finite
+
+from .manifest import MANIFEST, read_manifest
 
 SKIPPED_FIELDS = ("image",)
 
@@ -68,6 +70,14 @@ class GeneratedImages(torch.utils.data.Dataset):
         self.manifest = manifest
         self.class_names = list(manifest["class_names"])
         self.fields = manifest_fields(manifest)
+        for field in self.fields:  # a NaN pose would train silently: refused like every dataset's
+            if FIELDS[field].dtype.is_floating_point:
+                where = f"{self.root / MANIFEST} '{field}'"
+                try:
+                    values = np.asarray([r[field] for r in manifest["images"]], dtype=np.float64)
+                except (ValueError, TypeError):
+                    raise DataError(f"{where}: not numbers of one shape for every image") from None
+                check_finite(values, where, axes=("image",))
         self.records = split_records(manifest["images"], config.val_fraction, split)
         if not self.records:
             raise DataError(f"{self.root}: no images in the {split} split (val_fraction {config.val_fraction})")

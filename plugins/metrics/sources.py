@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from handforge.data import collate
 from handforge.errors import DataError, HandforgeError
 from handforge.imaging import to_uint8
+from handforge.plugins.datasets.bad_data import check_finite
 from handforge.runs import WEIGHTS_FOLDER, load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -164,8 +165,10 @@ class FolderSource(Source):
         if all(isinstance(v, dict) and isinstance(v.get("keypoints"), list) for v in values):
             try:
                 keypoints = torch.tensor([v["keypoints"] for v in values], dtype=torch.float32).reshape(-1, 21, 3)
-            except (ValueError, RuntimeError):
+            except (ValueError, RuntimeError, TypeError):
                 keypoints = None  # not the 21 x 3 contract shape: this source does without them
+            if keypoints is not None:  # a NaN keypoint would skew pose scores silently
+                check_finite(keypoints.numpy(), f"{labels_file} 'keypoints'", axes=("image", "joint", "value"))
         return files, labels, keypoints, (names if labels is not None else None)
 
     def __len__(self) -> int:
