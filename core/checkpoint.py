@@ -146,7 +146,9 @@ class CheckpointManager:
             raise HandforgeError(f"{path} is not a complete checkpoint (no {TRAIN_STATE})")
         try:
             train_state = json.loads(state_file.read_text())
-            check_rng_states(rng_state_file(path, self.accelerator.process_index))
+            # Every process checks every process's file, so that all of them stop together.
+            for index in range(self.accelerator.num_processes):
+                check_rng_states(rng_state_file(path, index))
             self.accelerator.load_state(str(path))
             task.load_state_dict(load_file(str(path / TASK_STATE)))
         except HandforgeError:
