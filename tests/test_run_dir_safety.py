@@ -132,3 +132,16 @@ def test_run_path_checks_every_level_and_the_checkpoint_writer_uses_it(tmp_path)
     with pytest.raises(HandforgeError, match=r"checkpoints/best is a symbolic link"):
         CheckpointManager(None, run_dir, keep_last=1).save(None, {"step": 1}, name="best")
     assert files_under(outside) == []
+
+
+def test_tasks_write_through_run_context_path_which_refuses_a_link_out(tmp_path):
+    from handforge.task import RunContext
+
+    run_dir, outside = tmp_path / "run", tmp_path / "outside"
+    run_dir.mkdir()
+    outside.mkdir()
+    (run_dir / "overlays").symlink_to(outside, target_is_directory=True)  # the keypoints task's overlays
+    run = RunContext(recipe=None, accelerator=None, run_dir=run_dir, dataset=None, components={})
+    assert run.path("final", "report.md") == run_dir / "final" / "report.md"
+    with pytest.raises(HandforgeError, match=rf"{run_dir}/overlays is a symbolic link to {outside}"):
+        run.path("overlays", "step_00000001.png")
