@@ -354,7 +354,7 @@ def main(argv=None) -> None:
     debug = os.environ.get("HANDFORGE_DEBUG", "") not in ("", "0")
     try:
         parser, cli = build_parser()
-        # `accelerate launch run.py recipe.toml ...` (DESIGN.md) means `run recipe.toml ...`.
+        # `accelerate launch run.py recipe.toml ...` means `run recipe.toml ...`.
         if argv and not argv[0].startswith("-") and argv[0] not in cli.names:
             argv.insert(0, "run")
         args = cli.parse(parser, argv, datasets=get_host().registry("dataset").names())

@@ -9,7 +9,7 @@ import attrs
 from . import contracts
 from .errors import RegistryError
 
-# Registry kind -> the hook that fills it (DESIGN.md "Registry kinds").
+# Registry kind -> the hook that fills it (docs/architecture.md, "Registry kinds").
 KIND_HOOKS = {
     "backbone": "register_backbones",
     "conditioner": "register_conditioners",

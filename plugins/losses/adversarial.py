@@ -88,7 +88,7 @@ class NonSaturating:
 class Logistic(NonSaturating):
     """StyleGAN2's loss: non-saturating logistic loss with lazy R1 on by default (gamma 10, every 16 D steps).
 
-    DESIGN.md's table calls it ``logistic_r1``; it is registered as ``logistic`` because R1 is one
+    Sometimes called ``logistic_r1``; it is registered as ``logistic`` because R1 is one
     of its options, not part of its identity: ``r1_gamma = 0`` turns it into plain ``nonsaturating``.
     """
 
