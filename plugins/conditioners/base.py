@@ -1,19 +1,44 @@
-"""The base of the built-in conditioners: how a condition (label, keypoints) enters a network.
+"""The conditioner interface: how a condition (label, keypoints) enters a network.
 
-What a conditioner must be is :class:`handforge.contracts.Conditioner` (with the
-``GeneratorSide`` and ``DiscriminatorSide`` members; ``docs/plugins.md`` explains each). The
-:class:`Conditioner` here implements all of it with the unconditional defaults, so a built-in
-conditioner overrides only what it changes:
+A backbone never looks at labels or keypoints itself: it asks the conditioner of its side for
+the layers that consume them and passes an opaque ``cond`` through its forward. The interface
+is duck-typed; subclass :class:`Conditioner` to inherit the unconditional defaults.
 
-- ``norm``: plain BatchNorm, or with ``extra_dim > 0`` (BigGAN-style generators, ``big_resnet``)
-  BigGAN's conditional BatchNorm on an (N, extra_dim) vector, the block's chunk of z
-  (hierarchical z) concatenated with the shared class embedding: gain ``1 + W_g e`` and bias
-  ``W_b e``. A conditioner whose ``norm`` takes no ``extra_dim`` (``spade``) still works there:
-  the backbone then feeds all of z to its input;
-- ``shared_embedding``: None (``none``: the norms see the z chunks only, as in unconditional
-  BigGAN); ``cbn`` gives the class embedding;
-- ``latent``, ``merge_input``: nothing to add; ``head``: a linear layer; ``d_aux_loss`` /
-  ``g_aux_loss``: only conditioners whose head returns ``(logits, aux)`` (``acgan``, ``d2dce``).
+``factory(config, *, role, n_classes, **context) -> conditioner``
+    ``role`` is "generator" or "discriminator"; a conditioner that cannot serve ``role`` raises
+    :class:`~handforge.errors.HandforgeError`. ``context`` holds ``image_size``.
+``conditioner.fields -> tuple[str, ...]``
+    the sample fields it reads (also registered as ``needs``).
+``conditioner.condition(batch) -> cond``
+    what the task passes as ``cond`` to ``forward(..., cond)``: the label tensor (N,), maps
+    made on the device from ``batch["keypoints"]`` (N, K, H, W), a tuple, or None.
+``conditioner.spatial -> bool``
+    True when ``cond`` is (N, K, H, W) maps aligned with the image: geometric augmentations
+    must then move the maps with the image (the task passes them to the augmentation).
+``conditioner.norm(num_features) -> nn.Module``
+    generator side: a normalisation layer for (N, C, H, W) features, ``forward(x, cond) -> x``
+    (plain BatchNorm; class-conditional in ``cbn``; spatially modulated in ``spade``).
+``conditioner.norm(num_features, *, extra_dim=0, spectral_norm=False)``
+    with ``extra_dim > 0`` (BigGAN-style generators, ``big_resnet``), a layer whose
+    ``forward(x, cond, extra)`` also takes an (N, extra_dim) vector: the block's chunk of z
+    (hierarchical z) concatenated with the shared class embedding; BigGAN's conditional
+    BatchNorm, gain ``1 + W_g e`` and bias ``W_b e``. A conditioner whose ``norm`` takes no
+    ``extra_dim`` (``spade``) still works there: the backbone then feeds all of z to its input.
+``conditioner.shared_embedding(dim) -> nn.Module | None``
+    the module mapping ``cond`` to (N, dim) that such a backbone registers once (BigGAN shares
+    one class embedding across blocks); None when there is none (``none``: the norms see the z
+    chunks only, as in unconditional BigGAN).
+``conditioner.latent_dim -> int`` and ``conditioner.latent(cond) -> (N, latent_dim) | None``
+    generator side: a vector the backbone mixes into its latent (StyleGAN's mapping input
+    for ``cadain``); 0 and None when the conditioner has none.
+``conditioner.input_channels -> int`` and ``conditioner.merge_input(x, cond) -> x``
+    discriminator side: extra channels concatenated to the image before the first layer
+    (``concat``); 0 and the identity by default.
+``conditioner.head(num_features, *, spectral_norm=False) -> nn.Module``
+    discriminator side: the output layer on pooled features h (N, F). ``forward(h, cond)``
+    returns logits (N,), or ``(logits, aux)`` when the conditioner has an auxiliary objective
+    (``acgan``, ``d2dce``); the task then adds ``d_aux_loss(aux, cond)`` to the discriminator's
+    loss on real images and ``g_aux_loss(aux, cond)`` to the generator's on fakes.
 
 Backbones call only what they need; the modules returned belong to the backbone, so they are
 trained, saved and EMA-averaged with it.
