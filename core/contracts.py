@@ -9,9 +9,9 @@ called, so :meth:`handforge.recipe.Component.build` checks the built object once
 attributes, and raises :class:`~handforge.errors.ContractError` naming the recipe path, the kind,
 the component, its plugin and what is missing.
 
-Variants: an augmentation or a loss picks its protocol with ``register(..., signature=...)``
-(:data:`SIGNATURES`; the first is the default); a backbone or a conditioner adds the members of the
-``role`` it is built for (:data:`ROLES`). The protocols are ``runtime_checkable``, so
+Variants (:data:`CONTRACTS`): an augmentation or a loss picks its protocol with ``register(...,
+signature=...)`` (the first of its kind's signatures is the default); a backbone or a conditioner
+adds the members of the ``role`` it is built for. The protocols are ``runtime_checkable``, so
 ``isinstance(obj, handforge.contracts.Metric)`` works too; what they cannot say (optional
 members, how a factory is called) is in each docstring and in ``docs/plugins.md``.
 """
@@ -61,7 +61,7 @@ class Backbone(Protocol):
 
     The task passes ``role`` and the context that role needs; a backbone that cannot serve a
     role raises :class:`~handforge.errors.HandforgeError` naming itself. The roles the built-in
-    tasks build (:data:`ROLES` adds their members):
+    tasks build (``CONTRACTS["backbone"].roles`` adds their members):
 
     - ``generator``, ``discriminator`` (task ``gan``): context ``image_size``, ``n_classes``,
       ``conditioner`` (the built :class:`Conditioner` of that side). ``generator(z, cond)`` takes
@@ -246,8 +246,6 @@ CONTRACTS = {c.kind: c for c in (
     KindContract("metric", Metric),
     KindContract("task", Task),
 )}
-SIGNATURES = {kind: tuple(c.signatures) for kind, c in CONTRACTS.items() if c.signatures}
-ROLES = {kind: tuple(c.roles) for kind, c in CONTRACTS.items() if c.roles}
 
 # Methods a base class defines only to say "write me": inheriting one is not implementing it.
 PLACEHOLDERS = frozenset({
