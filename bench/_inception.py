@@ -25,7 +25,8 @@ import warnings
 import torch
 
 from handforge.plugins.metrics import inception
-from handforge.plugins.metrics.weights import INCEPTION_FID, locate
+from handforge.plugins.metrics.weight_files import INCEPTION_FID
+from handforge.weights import locate
 
 
 GFLOP_PER_IMAGE = 11.42  # 2 x multiply-adds of all convolutions at 299 px (measured with FlopCounterMode)

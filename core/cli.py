@@ -14,6 +14,7 @@ import attrs
 from .errors import HandforgeError
 from .plugin_manager import get_host
 from .registry import KINDS, did_you_mean
+from .weights import configure_weights_parser, weights_command
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -332,6 +333,8 @@ def build_parser(host=None) -> tuple[argparse.ArgumentParser, CommandLine]:
     cli.add_command("list", "list registered components of a kind", list_args, cmd_list)
     cli.add_command("show", "show a component's options, types, defaults and docs", show_args, cmd_show)
     cli.add_command("inspect", "load a dataset and print (or draw) its first samples", inspect_args, cmd_inspect)
+    cli.add_command("weights", "fetch or list the pretrained weight files plugins registered",
+                    configure_weights_parser, weights_command)
     cli.add_command("prepare", "write a dataset's first N samples as PNG files plus labels.json, "
                     "or run a plugin's converter (prepare --help lists them)", prepare_args,
                     cmd_prepare)
@@ -351,7 +354,7 @@ def main(argv=None) -> None:
     debug = os.environ.get("HANDFORGE_DEBUG", "") not in ("", "0")
     try:
         parser, cli = build_parser()
-        # `accelerate launch run.py recipe.toml ...` (DESIGN.md) means `run recipe.toml ...`.
+        # `accelerate launch run.py recipe.toml ...` means `run recipe.toml ...`.
         if argv and not argv[0].startswith("-") and argv[0] not in cli.names:
             argv.insert(0, "run")
         args = cli.parse(parser, argv, datasets=get_host().registry("dataset").names())

@@ -1,4 +1,4 @@
-"""The sample contract (DESIGN.md) and loader building.
+"""The sample contract (docs/architecture.md) and loader building.
 
 A dataset is a map-style ``torch.utils.data.Dataset`` whose items are dicts of tensors with
 the field names below. A dataset that renders or decodes faster in batches may also define

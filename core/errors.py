@@ -34,3 +34,8 @@ class DataError(HandforgeError):
 
 class NonFiniteLossError(HandforgeError):
     """A loss term became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class ContractError(RegistryError):
+    """A component is not what its kind must be (a loss without ``d_loss``, a dataset without
+    ``__len__``): the message names the component, its plugin and what is missing."""

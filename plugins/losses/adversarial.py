@@ -1,14 +1,9 @@
 """Adversarial losses: hinge, non-saturating (with optional lazy R1), logistic, WGAN-GP.
 
-A loss takes the discriminator's raw logits, shape (N,), and returns a scalar tensor:
-
-- ``d_loss(real_logits, fake_logits)``: what the discriminator minimises;
-- ``g_loss(fake_logits)``: what the generator minimises;
-- ``d_penalty(D, real, fake, cond, step) -> tensor | None`` (optional): a regulariser the task
-  adds to the discriminator's loss. The task calls it in every D step with the (augmented) real
-  and fake images D just saw, the ``cond`` D saw with the real images, and the discriminator
-  step index ``step = iteration * d_steps + i``; None means "nothing this step" (a lazy
-  regulariser off its interval, or the penalty turned off).
+Each follows :class:`handforge.contracts.AdversarialLoss`: ``d_loss(real_logits, fake_logits)``
+and ``g_loss(fake_logits)`` on the discriminator's raw logits (N,), and optionally
+``d_penalty(D, real, fake, cond, step) -> tensor | None`` with ``step = iteration * d_steps + i``
+(None: nothing this step, a lazy regulariser off its interval or the penalty turned off).
 
 Terms are means over the batch (real and fake terms each averaged, then summed).
 """
@@ -93,7 +88,7 @@ class NonSaturating:
 class Logistic(NonSaturating):
     """StyleGAN2's loss: non-saturating logistic loss with lazy R1 on by default (gamma 10, every 16 D steps).
 
-    DESIGN.md's table calls it ``logistic_r1``; it is registered as ``logistic`` because R1 is one
+    Sometimes called ``logistic_r1``; it is registered as ``logistic`` because R1 is one
     of its options, not part of its identity: ``r1_gamma = 0`` turns it into plain ``nonsaturating``.
     """
 

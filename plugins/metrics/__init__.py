@@ -2,10 +2,13 @@
 
 The metric components live in :mod:`.components`, the math in :mod:`.frechet`, :mod:`.prdc` and
 :mod:`.inception_score`, pose fidelity in :mod:`.pose_fidelity`, the feature extractors in :mod:`.extractors`, the judge classifier in
-:mod:`.judge_classifier`, and the ``evaluate``, ``fit-judge`` and ``weights`` commands in
-:mod:`.commands`. This module registers them through the same hooks a third-party plugin uses.
+:mod:`.judge_classifier`, and the ``evaluate`` and ``fit-judge`` commands in
+:mod:`.commands`. This module registers them through the same hooks a third-party plugin uses;
+importing it registers the FID Inception file with the core's weight store (:mod:`.weight_files`).
 """
 from handforge import hookimpl
+
+from . import weight_files  # noqa: F401  (registers inception_fid for `handforge weights`)
 
 
 @hookimpl

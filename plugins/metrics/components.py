@@ -79,7 +79,9 @@ class Metric:
     def _check_files(self) -> None:
         """Missing weights or checkpoints stop a run before it trains, not at its first evaluation."""
         from .judge_classifier import read_metadata
-        from .weights import INCEPTION_FID, locate
+        from handforge.weights import locate
+
+        from .weight_files import INCEPTION_FID
 
         classifier = getattr(self.config, "classifier", "")
         if classifier and self.extractor_name() == "hand_features":

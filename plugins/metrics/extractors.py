@@ -92,7 +92,7 @@ class InceptionFID:
 
     def __init__(self, options: ExtractorOptions):
         from .inception import load_inception_fid
-        from .weights import INCEPTION_FID
+        from .weight_files import INCEPTION_FID
 
         # Loading verifies the file's SHA1, so the spec's hash names the weights exactly.
         self.network = load_inception_fid(options.weights, device=options.device, resize=options.resize)

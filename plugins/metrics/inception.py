@@ -41,7 +41,9 @@ from PIL import Image
 from handforge.errors import HandforgeError
 
 from .inception_net import FIDInception, load_folded
-from .weights import INCEPTION_FID, locate
+from handforge.weights import locate
+
+from .weight_files import INCEPTION_FID
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

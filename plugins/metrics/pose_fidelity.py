@@ -1,7 +1,7 @@
 """``pose_fidelity``: does a pose-conditioned generator draw the hand in the pose it was given?
 
 A trained keypoint regressor (a finished run of the ``keypoints`` task) finds the keypoints in each
-generated image; the score is PCK, AUC and EPE (:mod:`.keypoint_math`) between those and the
+generated image; the score is PCK, AUC and EPE (:mod:`handforge.keypoint_math`) between those and the
 keypoints that conditioned the image. The same regressor on the *real* images of the same poses
 gives the ceiling (``pose_real_*``): a perfect generator scores what the regressor scores on real
 data, so the pair separates the generator's errors from the judge's.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from handforge.errors import HandforgeError
 
 from .components import Metric, SampleOptions
-from .keypoint_math import keypoint_report
+from handforge.keypoint_math import keypoint_report
 
 REGRESSOR_SLOT = "regressor"
 # The final exported weights, or the best checkpoint's (the keypoints task's only prepared model).

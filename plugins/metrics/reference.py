@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pathlib
 import re
 import zipfile
@@ -23,6 +22,7 @@ import torch
 
 from handforge.errors import HandforgeError
 from handforge.fileio import atomic_write_bytes
+from handforge.weights import cache_dir as handforge_cache_dir
 
 from .frechet import FeatureStats, FeatureStatsKeyError, key_differences
 
@@ -30,9 +30,7 @@ FEATURES_FORMAT = "handforge.reference_features/1"
 
 
 def cache_dir() -> pathlib.Path:
-    root = os.environ.get("HANDFORGE_CACHE", "")
-    base = pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "handforge"
-    return base / "reference"
+    return handforge_cache_dir() / "reference"
 
 
 def _slug(key: dict) -> str:

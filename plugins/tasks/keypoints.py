@@ -21,7 +21,7 @@ AdamW, cosine annealing to 0 over ``train.steps`` after an optional linear warm-
 
 Evaluation: the ``pck`` metric (``[[eval.metrics]] name = "pck"``) scores the current weights on the
 first ``val_samples`` images of the dataset's ``val`` split with
-:func:`handforge.plugins.metrics.keypoint_math.keypoint_report` (``pck@0.05``, ``pck@0.2bbox``,
+:func:`handforge.keypoint_math.keypoint_report` (``pck@0.05``, ``pck@0.2bbox``,
 ``auc@30px``, ``epe_px``) plus ``val_l1`` (the training loss on those images), and writes
 ``overlays/step_%08d.png``: val images with the true (green) and predicted (red) skeletons. With
 ``eval.best_metric = "pck@0.05"``, ``best_mode = "max"`` the loop keeps ``checkpoints/best``.
@@ -48,6 +48,7 @@ from handforge.data import N_KEYPOINTS, square_image_size
 from handforge.errors import HandforgeError
 from handforge.fileio import atomic_write_bytes
 from handforge.imaging import save_grid
+from handforge.keypoint_math import keypoint_report
 from handforge.task import Slot, Task
 
 from .classifier import fetch
@@ -277,8 +278,6 @@ class KeypointsTask(Task):
             buffer.copy_(broadcast(buffer.detach().clone(), from_process=0))
 
     def report(self, predicted: torch.Tensor) -> dict[str, float]:
-        from handforge.plugins.metrics.keypoint_math import keypoint_report
-
         target, visible = self.val_keypoints[..., :2], self.val_keypoints[..., 2] > 0
         values = dict(keypoint_report(predicted, target, visible, self.image_size))
         values["val_l1"] = masked_l1(predicted, target, visible).item()

