@@ -122,7 +122,8 @@ def _say(progress, text: str) -> None:
 
 def create_venv(folder: pathlib.Path) -> None:
     """``python -m venv`` with pip (a separate function so tests can stand in for it)."""
-    _run([sys.executable, "-m", "venv", str(folder)], "creating the virtual environment", folder)
+    # Errors name the environment's final place (the staging folder beside it is removed).
+    _run([sys.executable, "-m", "venv", str(folder)], "creating the virtual environment", folder.parent / ENV_NAME)
 
 
 def _run(command: list[str], what: str, folder: pathlib.Path) -> None:
@@ -130,24 +131,24 @@ def _run(command: list[str], what: str, folder: pathlib.Path) -> None:
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env)
     except OSError as exc:
-        raise _install_error(f"{what} ({exc})", folder) from None
+        raise _install_error(f"{what} ({exc})", "", folder) from None
     if done.returncode != 0:
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()
                  and "is ignored: it is neither a file nor a directory" not in line]
-        tail = "\n".join(f"    {line}" for line in lines[-8:])
-        raise _install_error(f"{what}: `{' '.join(command[2:] if command[1:2] == ['-m'] else command)}` "
-                             f"exited with code {done.returncode}:\n{tail}\n", folder)
+        shown = " ".join(command[2:] if command[1:2] == ["-m"] else command)
+        raise _install_error(f"{what}: `{shown}` exited with code {done.returncode}", lines[-8:], folder)
 
 
-def _install_error(what: str, folder: pathlib.Path) -> HandforgeError:
+def _install_error(what: str, output, folder: pathlib.Path) -> HandforgeError:
     versions = ("" if sys.version_info < (3, 13) else
                 f" (mediapipe {MEDIAPIPE_VERSION} has wheels for Python 3.9-3.12 only; this is "
                 f"{sys.version_info.major}.{sys.version_info.minor})")
+    said = "".join(f"\n    {line}" for line in output)
     return HandforgeError(
         f"could not build the hand judge's environment in {folder}: {what}{versions}. If pip could not reach "
         f"the package registry, connect (or configure pip's index) and run the command again: the environment "
         f"is built once, then used offline. Or point {PYTHON_VARIABLE}=/path/to/python at an existing "
-        f"environment with mediapipe=={MEDIAPIPE_VERSION}, numpy<2 and pillow")
+        f"environment with mediapipe=={MEDIAPIPE_VERSION}, numpy<2 and pillow." + (f" pip said:{said}" if said else ""))
 
 
 def build_env(folder: pathlib.Path, progress=None) -> None:
