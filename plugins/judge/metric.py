@@ -16,6 +16,7 @@ import torch
 
 from handforge.errors import HandforgeError
 from handforge.plugins.metrics.components import Metric, SampleOptions
+from handforge.recipe import at_least
 
 from .stats import N_KEYPOINTS, keypoint_agreement
 
@@ -34,6 +35,9 @@ def _unit_interval(_instance, attribute, value) -> None:
 
 @attrs.define
 class HandDetectorConfig(SampleOptions):
+    num_samples: int = attrs.field(default=0, validator=at_least(0), metadata={
+        "help": f"images judged (generated, and real with reference); 0 = {DEFAULT_NUM_SAMPLES} on any device "
+                f"(the detector runs on the CPU)"})
     min_confidence: float = attrs.field(default=0.5, converter=float, validator=_unit_interval, metadata={
         "help": "MediaPipe's min_detection_confidence"})
     visible_only: bool = attrs.field(default=False, metadata={
