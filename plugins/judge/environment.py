@@ -42,9 +42,8 @@ DEPENDENCIES = ["numpy==1.26.4", "opencv-contrib-python==4.11.0.86", "protobuf>=
 DOWNLOAD_MB, DISK_MB = 140, 460
 
 
-def cache_dir() -> pathlib.Path:
-    root = os.environ.get("HANDFORGE_CACHE", "")
-    return pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "handforge"
+def cache_dir() -> pathlib.Path:  # handforge's cache folder; to be handforge.weights.cache_dir()
+    return pathlib.Path(os.environ.get("HANDFORGE_CACHE") or pathlib.Path.home() / ".cache" / "handforge").expanduser()
 
 
 def env_dir() -> pathlib.Path:
