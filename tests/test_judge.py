@@ -473,3 +473,38 @@ def test_real_pip_against_an_unreachable_index(tmp_path, monkeypatch, capsys):
     with pytest.raises(HandforgeError, match="installing mediapipe's dependencies.*exited with code 1"):
         environment.judge_python()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f".{environment.ENV_NAME}.lock"]
+
+
+@pytest.mark.slow
+@posix_only
+def test_two_processes_judge_their_shares_and_agree(fake_judge, tmp_path):
+    """The quickstart's pose GAN under `accelerate launch` with 2 processes: each judges its share of
+    13 fakes (6 and 7) in its own worker; the gathered numbers are those of all 13, in order."""
+    from conftest import REPO
+    from test_multiprocess import free_port
+
+    found = np.array(shifted(0.0))
+    fake_judge({}, default={"keypoints": found.tolist(), "handedness": "Left", "score": 0.9})
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    metric = '{name = "hand_detector", num_samples = 13, batch_size = 4}'
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(REPO / "run.py"), "run", str(REPO / "recipes" / "quickstart.toml"),
+               f"output_dir={tmp_path / 'runs'}", "train.steps=2", "train.batch_size=4", "train.progress=false",
+               "train.tensorboard=false", "eval.every=2", f"eval.metrics=[{metric}]"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r.get("type") == "eval"]
+
+    from handforge.recipe import load_recipe
+
+    dataset = load_recipe(REPO / "recipes" / "quickstart.toml").data.build(split="train")
+    size = dataset[0]["image"].shape[-1]
+    target = torch.stack([dataset[i]["keypoints"] for i in range(13)]).double().numpy()
+    side = size * np.ptp(target[..., :2], axis=1).max(axis=1)
+    errors = np.linalg.norm((found[None] - target[..., :2]) * size, axis=-1) / side[:, None]
+    assert record["hand_detector/detected"] == 1.0
+    assert record["hand_detector/pck@0.2"] == pytest.approx((errors < 0.2).mean())
+    assert record["hand_detector/error"] == pytest.approx(errors.mean())
