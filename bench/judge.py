@@ -6,7 +6,7 @@ Renders ``--count`` procedural_hands images (default options, seed 0) with ``han
 into a temporary folder, then judges them two ways, each ``--repeats`` times (the table gives
 the fastest):
 
-- handforge: :func:`handforge.plugins.judge.command.judge_folder`: the worker started in the
+- handforge: :func:`handforge.plugins.metrics.judge.command.judge_folder`: the worker started in the
   judge's environment, images sent through the pipe in requests of 64, statistics on our side;
 - direct (the peer): one Python in that environment looping ``Hands.process`` over the files,
   as a standalone script would, with the same Hands options; its process start and the
@@ -41,8 +41,8 @@ print(json.dumps(found))
 
 
 def main() -> None:
-    from handforge.plugins.judge.command import judge_folder
-    from handforge.plugins.judge.environment import judge_python
+    from handforge.plugins.metrics.judge.command import judge_folder
+    from handforge.plugins.metrics.judge.environment import judge_python
     from handforge.prepare import prepare
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

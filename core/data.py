@@ -5,7 +5,10 @@ the field names below. A dataset that renders or decodes faster in batches may a
 ``__getitems__(indices) -> dict`` returning already-batched tensors; the loader then fetches
 whole batches in one call. Datasets expose ``class_names`` (list of str) when they yield labels.
 """
+import math
+
 import attrs
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 
@@ -131,6 +134,36 @@ def build_loader(dataset, batch_size: int, seed: int, num_workers: int = 0, shuf
 
 
 SPLITS = ("train", "val")  # what dataset factories are called with: factory(config, split=...)
+
+
+def non_finite(values, axes: tuple = ()) -> str | None:
+    """The one check of keypoints and poses read from files: ``"NaN at joint 3, coordinate 0, not
+    a finite number"`` for the first NaN or infinite number in ``values``, or None when all are finite.
+
+    ``values`` is an array (or nested lists) of numbers; a format whose missing value is JSON null
+    replaces its nulls before asking (Python's JSON reader turns the non-standard ``NaN`` and
+    ``Infinity`` into floats, so they reach here). ``axes`` names the leading dimensions for the
+    message (``("joint", "coordinate")``); the others are given as ``[i, j]``."""
+    array = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(array)
+    if finite.all():
+        return None
+    position = [int(i) for i in np.argwhere(~finite)[0]]
+    value = float(array[tuple(position)])
+    shown = "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    named = [f"{name} {i}" for name, i in zip(axes, position)]
+    rest = position[len(axes):]
+    at = ", ".join(named) + (f"{' ' if named else ''}[{', '.join(map(str, rest))}]" if rest else "")
+    return f"{shown}{' at ' + at if at else ''}, not a finite number"
+
+
+def require_finite(values, where: str, axes: tuple = ()) -> None:
+    """A :class:`DataError` ``where: NaN at ...`` when :func:`non_finite` finds a problem in ``values``.
+    What every reader of keypoints and poses from a file calls (a dataset with an ``on_error``
+    policy goes through its own counting wrapper instead)."""
+    problem = non_finite(values, axes)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
 
 
 def check_split(dataset: str, split: str) -> None:

@@ -63,6 +63,20 @@ class Task:
         """Generated images (N,3,H,W) in [-1,1] for the conditions in ``batch``, for metrics."""
         raise NotImplementedError(f"task {type(self).__name__} does not generate images")
 
+    def variations(self, individuals: dict, others: dict, count: int, *, strength: float,
+                   generator: torch.Generator) -> torch.Tensor:
+        """``count`` images of each of the K synthetic individuals that ``individuals`` (a batch of K
+        conditions, as ``generate`` takes) defines: (K, count, 3, H, W) in [-1, 1].
+
+        ``others`` is a batch of K * count conditions, row ``k * count + j`` for variation j of
+        individual k (the same label; for a pose-conditioned model another pose of that class).
+        How a family makes them: a pose-conditioned model keeps the individual's noise and takes
+        the other poses; an unconditional or label model perturbs one generated image by
+        ``strength`` in (0, 1] (a GAN moves its z, a diffusion model re-noises and denoises).
+        ``generator`` draws every random number, so a seed fixes the result. A task that cannot
+        make variations leaves this as it is: ``handforge generate --variations`` says so."""
+        raise NotImplementedError(f"task {type(self).__name__} does not make variations")
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors beyond the prepared models and optimizers (EMA weights, ...) for checkpoints.
         Saved as safetensors: tensors only, never pickled objects."""

@@ -27,6 +27,6 @@ BUILTIN_MODULES = (
     "handforge.plugins.tasks.classifier",
     "handforge.plugins.tasks.keypoints",
     "handforge.plugins.metrics",
-    "handforge.plugins.judge",
+    "handforge.plugins.metrics.judge",
     "handforge.plugins.export",
 )

@@ -1,4 +1,4 @@
-"""The hand judge (plugins/judge): the worker protocol, the statistics, the error paths, the
+"""The hand judge (plugins/metrics/judge): the worker protocol, the statistics, the error paths, the
 environment it builds, and the hand_detector metric in `handforge evaluate` and in a run.
 
 The default suite drives the real worker script through a stand-in Python (HANDFORGE_JUDGE_PYTHON)
@@ -19,9 +19,9 @@ from PIL import Image
 
 from conftest import cli_exit
 from handforge.errors import DataError, HandforgeError
-from handforge.plugins.judge import environment
-from handforge.plugins.judge.detector import WORKER, HandDetector
-from handforge.plugins.judge.stats import keypoint_agreement, read_labels
+from handforge.plugins.metrics.judge import environment
+from handforge.plugins.metrics.judge.detector import WORKER, HandDetector
+from handforge.plugins.metrics.judge.stats import keypoint_agreement, read_labels
 
 FAKE_MEDIAPIPE = pathlib.Path(__file__).with_name("fake_mediapipe")
 SIZE = 32

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import atexit
 import json
-import math
 import pathlib
 import sys
 from collections import Counter
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from handforge.data import check_index
+from handforge.data import check_index, non_finite, require_finite
 from handforge.errors import DataError
 
 OnError = Literal["raise", "skip"]
@@ -67,36 +65,16 @@ def read_rgb_reduced(path: str, reduction_for: Callable[[int, int], int]) -> tup
 NON_FINITE = "non-finite keypoints"  # the kind a NaN or infinite keypoint or pose is counted under
 
 
-def non_finite(values, axes: tuple = ()) -> str | None:
-    """The one check of keypoints and poses read from files: ``"NaN at joint 3, coordinate 0, not
-    a finite number"`` for the first NaN or infinite number in ``values``, or None when all are finite.
-
-    ``values`` is an array (or nested lists) of numbers; a format whose missing value is JSON null
-    replaces its nulls before asking (Python's JSON reader turns the non-standard ``NaN`` and
-    ``Infinity`` into floats, so they reach here). ``axes`` names the leading dimensions for the
-    message (``("joint", "coordinate")``); the others are given as ``[i, j]``."""
-    array = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(array)
-    if finite.all():
-        return None
-    position = [int(i) for i in np.argwhere(~finite)[0]]
-    value = float(array[tuple(position)])
-    shown = "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    named = [f"{name} {i}" for name, i in zip(axes, position)]
-    rest = position[len(axes):]
-    at = ", ".join(named) + (f"{' ' if named else ''}[{', '.join(map(str, rest))}]" if rest else "")
-    return f"{shown}{' at ' + at if at else ''}, not a finite number"
-
-
 def check_finite(values, where, axes: tuple = (), bad: "BadData | None" = None) -> bool:
-    """:func:`non_finite` under a dataset's policy: True when every number is finite; else a
+    """:func:`handforge.data.non_finite` under a dataset's policy: True when every number is finite; else a
     :class:`DataError` ``where: ...`` (no ``bad``, or ``on_error = "raise"``), or the problem counted
     under :data:`NON_FINITE` and False (``on_error = "skip"``)."""
+    if bad is None:
+        require_finite(values, where, axes)
+        return True
     problem = non_finite(values, axes)
     if problem is None:
         return True
-    if bad is None:
-        raise DataError(f"{where}: {problem}")
     bad.problem(where, problem, NON_FINITE)
     return False
 

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from handforge.data import FIELDS, check_index, check_split
 from handforge.errors import DataError
 
-from handforge.plugins.datasets.bad_data import check_finite
+from handforge.data import require_finite
 
 from .manifest import MANIFEST, read_manifest
 
@@ -77,7 +77,7 @@ class GeneratedImages(torch.utils.data.Dataset):
                     values = np.asarray([r[field] for r in manifest["images"]], dtype=np.float64)
                 except (ValueError, TypeError):
                     raise DataError(f"{where}: not numbers of one shape for every image") from None
-                check_finite(values, where, axes=("image",))
+                require_finite(values, where, axes=("image",))
         self.records = split_records(manifest["images"], config.val_fraction, split)
         if not self.records:
             raise DataError(f"{self.root}: no images in the {split} split (val_fraction {config.val_fraction})")

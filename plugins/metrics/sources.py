@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from handforge.data import collate
 from handforge.errors import DataError, HandforgeError
 from handforge.imaging import to_uint8
-from handforge.plugins.datasets.bad_data import check_finite
+from handforge.data import require_finite
 from handforge.runs import WEIGHTS_FOLDER, load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -168,7 +168,7 @@ class FolderSource(Source):
             except (ValueError, RuntimeError, TypeError):
                 keypoints = None  # not the 21 x 3 contract shape: this source does without them
             if keypoints is not None:  # a NaN keypoint would skew pose scores silently
-                check_finite(keypoints.numpy(), f"{labels_file} 'keypoints'", axes=("image", "joint", "value"))
+                require_finite(keypoints.numpy(), f"{labels_file} 'keypoints'", axes=("image", "joint", "value"))
         return files, labels, keypoints, (names if labels is not None else None)
 
     def __len__(self) -> int:

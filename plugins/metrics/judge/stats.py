@@ -22,7 +22,7 @@ import torch
 
 from handforge.errors import DataError
 # The PCK math is the keypoints metrics' (one place for MMPose's conventions).
-from handforge.plugins.metrics.keypoint_math import bbox_size_px, keypoint_errors_px, pck
+from handforge.keypoint_math import bbox_size_px, keypoint_errors_px, pck
 
 N_KEYPOINTS = 21
 THRESHOLDS = (0.1, 0.2)

@@ -26,6 +26,7 @@ import sys
 import tempfile
 
 from handforge.errors import HandforgeError
+from handforge.weights import cache_dir
 
 MEDIAPIPE_VERSION = "0.10.21"
 ENV_NAME = f"judge-env-mediapipe-{MEDIAPIPE_VERSION}"
@@ -40,10 +41,6 @@ DEPENDENCIES = ["numpy==1.26.4", "opencv-contrib-python==4.11.0.86", "protobuf>=
                 "absl-py", "attrs>=19.1.0", "flatbuffers>=2.0", "matplotlib"]
 # Measured on Linux x86-64, Python 3.11 (the wheels pip fetches and the folder it leaves).
 DOWNLOAD_MB, DISK_MB = 140, 460
-
-
-def cache_dir() -> pathlib.Path:  # handforge's cache folder; to be handforge.weights.cache_dir()
-    return pathlib.Path(os.environ.get("HANDFORGE_CACHE") or pathlib.Path.home() / ".cache" / "handforge").expanduser()
 
 
 def env_dir() -> pathlib.Path:
