@@ -2,7 +2,7 @@
 
 The folder holds ``000000.png, 000001.png, ...`` (the ``image`` field), one sub-folder per
 other image-like field (``reference/000000.png``), ``labels.json`` (every other field of each
-sample as plain JSON, keyed by image file name, the format ``hand_judge`` and most keypoint
+sample as plain JSON, keyed by image file name, the format ``handforge judge --keypoints`` and most keypoint
 tools read) and ``dataset.json`` (what was written and how to make it again).
 
 The dataset is built exactly as a recipe's ``[data]`` table would be: its ``key=value``
