@@ -4,6 +4,7 @@ denoiser recovers the clean image under every sampler), classifier-free guidance
 (overfitting 8 images, sampler chosen at sampling time, variations, EMA state) with a tiny
 denoiser and conditioner defined here."""
 import math
+import pathlib
 import types
 
 import accelerate
@@ -13,6 +14,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from safetensors.torch import load_file
+
+from conftest import run_cli
 from handforge.errors import HandforgeError
 from handforge.plugins.tasks.diffusion.config import DiffusionConfig
 from handforge.plugins.tasks.diffusion.guidance import guide, predictor
@@ -24,6 +28,9 @@ from handforge.plugins.tasks.diffusion.task import DiffusionTask
 from handforge.recipe import Component
 from handforge.registry import Entry
 from handforge.task import RunContext
+from handforge.toml_writer import dumps
+
+from diffusion_plugin import LabelCond, NoCond, TinyDenoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,35 +153,6 @@ def test_timestep_grids():
     assert timesteps(3, 10) == [3, 2, 1, 0]
 
 
-class TinyDenoiser(nn.Module):
-    """Per-pixel MLP of (x_t, per-channel image mean, time features, label embedding): small, and able
-    to denoise images of one colour each."""
-
-    def __init__(self, n_classes=0, hidden=64, T=100):
-        super().__init__()
-        self.T = T
-        self.label = nn.Embedding(n_classes + 1, hidden) if n_classes else None
-        self.inp = nn.Linear(6 + 16, hidden)
-        self.mid = nn.Linear(hidden, hidden)
-        self.out = nn.Linear(hidden, 3)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x, t, cond):
-        n, _, h, w = x.shape
-        freqs = torch.exp(torch.arange(8, device=x.device) * -math.log(100) / 8)
-        angle = (t / self.T)[:, None] * 100 * freqs
-        temb = torch.cat([angle.sin(), angle.cos()], dim=1)
-        pixels = x.permute(0, 2, 3, 1)
-        mean = x.mean(dim=(2, 3))[:, None, None, :].expand(n, h, w, 3)
-        feats = torch.cat([pixels, mean, temb[:, None, None, :].expand(n, h, w, 16)], dim=-1)
-        hid = torch.nn.functional.silu(self.inp(feats))
-        if self.label is not None and cond is not None:
-            hid = hid + self.label(cond)[:, None, None, :]
-        hid = torch.nn.functional.silu(self.mid(hid))
-        return self.out(hid).permute(0, 3, 1, 2)
-
-
 def test_ddim_eta_0_is_deterministic_and_eta_1_is_not():
     schedule = Schedule("cosine", 100)
     torch.manual_seed(0)
@@ -189,28 +167,6 @@ def test_ddim_eta_0_is_deterministic_and_eta_1_is_not():
 
     torch.testing.assert_close(run(0.0, 1), run(0.0, 2), rtol=0, atol=0)
     assert not torch.allclose(run(1.0, 1), run(1.0, 2))
-
-
-class LabelCond:
-    """A minimal label conditioner on the denoiser side (the interface of DENOISER.md)."""
-
-    name, fields, spatial, conditional, input_channels = "label", ("label",), False, True, 0
-
-    def __init__(self, config=None, *, role, n_classes=0, **_):
-        self.n_classes = n_classes
-
-    def condition(self, batch):
-        return batch["label"]
-
-    def drop(self, cond, mask):
-        return torch.where(mask, torch.full_like(cond, self.n_classes), cond)
-
-
-class NoCond(LabelCond):
-    name, fields, conditional = "none", (), False
-
-    def condition(self, batch):
-        return None
 
 
 def test_guidance_scale_1_is_the_conditional_prediction_and_2_extrapolates():
@@ -346,3 +302,53 @@ def test_ema_is_saved_and_restored():
     for p, q in zip(task.ema.parameters(), other.ema.parameters()):
         torch.testing.assert_close(p, q)
     assert set(task.export_modules()) == {"denoiser", "denoiser_ema"}
+
+
+# -- through the real loop and CLI ------------------------------------------------------------------
+
+PLUGIN = pathlib.Path(__file__).parent / "diffusion_plugin.py"
+KILL = pathlib.Path(__file__).parent / "kill_plugin.py"
+
+
+def loop_recipe(root, **task):
+    return {
+        "name": "tiny_diffusion", "seed": 2, "output_dir": str(root / "runs"), "plugins": [str(PLUGIN)],
+        "task": {"name": "diffusion", "num_timesteps": 50, "sampling_steps": 4, "sample_count": 4, **task},
+        "data": {"name": "procedural_hands", "size": 16},
+        "model": {"denoiser": {"name": "test_tiny_denoiser"}, "conditioner": {"name": "test_denoise_label"}},
+        "train": {"steps": 6, "batch_size": 4, "log_every": 2, "sample_every": 3, "checkpoint_every": 2,
+                  "progress": False},
+    }
+
+
+def test_killed_and_resumed_diffusion_run_is_bit_identical(tmp_path):
+    straight, killed = loop_recipe(tmp_path / "a"), loop_recipe(tmp_path / "b")
+    killed["plugins"] = killed["plugins"] + [str(KILL)]
+    env = {"HANDFORGE_TEST_KILL_AT": "4"}
+    a = run_cli("run", write(tmp_path / "a.toml", straight), env=env)
+    assert a.returncode == 0, a.stderr
+    b = run_cli("run", write(tmp_path / "b.toml", killed), env=env)
+    assert b.returncode == 17, b.stderr
+    c = run_cli("run", tmp_path / "b.toml", "resume=true", env={"HANDFORGE_TEST_KILL_AT": "0"})
+    assert c.returncode == 0, c.stderr
+    run_a, run_b = tmp_path / "a/runs/tiny_diffusion", tmp_path / "b/runs/tiny_diffusion"
+    assert sorted(p.name for p in (run_a / "samples").iterdir()) == ["step_00000003.png", "step_00000006.png"]
+    files = sorted(p.name for p in (run_a / "weights").iterdir())
+    assert files == ["denoiser.safetensors", "denoiser_ema.safetensors"]
+    for file in files:
+        wa, wb = load_file(run_a / "weights" / file), load_file(run_b / "weights" / file)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), file
+
+
+def test_cli_refuses_guidance_with_an_unconditional_model(tmp_path):
+    raw = loop_recipe(tmp_path, guidance_scale=3.0)
+    raw["model"]["conditioner"] = {"name": "test_denoise_none"}
+    raw["train"]["steps"] = 1
+    result = run_cli("run", write(tmp_path / "r.toml", raw))
+    assert result.returncode == 2, result.stderr
+    assert "task.guidance_scale" in result.stderr and "Traceback" not in result.stderr
+
+
+def write(path, raw):
+    path.write_text(dumps(raw))
+    return path
