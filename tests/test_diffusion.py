@@ -291,6 +291,32 @@ def test_variations_by_sdedit_are_seeded_stay_close_to_their_source_and_differ()
         make(0.0, 7)
 
 
+class PoseCond(NoCond):
+    """A pose conditioner stand-in (the denoiser here ignores it): the task must keep each
+    individual's noise and take the other poses."""
+
+    name, fields, spatial, conditional = "pose", ("keypoints",), True, True
+
+    def condition(self, batch):
+        return batch["keypoints"]
+
+    def drop(self, cond, mask):
+        return torch.where(mask[:, None, None], torch.zeros_like(cond), cond)
+
+
+def test_pose_variations_keep_the_individuals_noise():
+    torch.manual_seed(0)
+    task, _ = make_task(DiffusionConfig(num_timesteps=30, sampling_steps=5, sample_count=2), conditioner=PoseCond)
+    nn.init.normal_(task.ema.out.weight, std=0.3)
+    individuals = {"keypoints": torch.rand(2, 21, 3)}
+    others = {"keypoints": torch.rand(6, 21, 3)}
+    out = task.variations(individuals, others, 3, strength=0.5, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (2, 3, 3, 8, 8)
+    # A denoiser blind to the pose: one image per noise, so the variations of one individual coincide.
+    torch.testing.assert_close(out[0, 0], out[0, 2])
+    assert not torch.allclose(out[0, 0], out[1, 0])
+
+
 def test_ema_is_saved_and_restored():
     torch.manual_seed(0)
     task, data = make_task(DiffusionConfig(num_timesteps=20, sample_count=2))
@@ -338,6 +364,12 @@ def test_killed_and_resumed_diffusion_run_is_bit_identical(tmp_path):
     for file in files:
         wa, wb = load_file(run_a / "weights" / file), load_file(run_b / "weights" / file)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), file
+    # The export path GAN runs use works on the diffusion run (the task's generate with seeds).
+    out = tmp_path / "export"
+    g = run_cli("generate", run_a, "--per-class", "1", "--out", out, "--batch-size", "4", "--no-progress")
+    assert g.returncode == 0, g.stderr
+    names = {p.parent.name for p in out.rglob("*.png")}
+    assert len(list(out.rglob("*.png"))) == len(names) > 1  # one image in each class folder
 
 
 def test_cli_refuses_guidance_with_an_unconditional_model(tmp_path):
