@@ -218,7 +218,7 @@ def make_task(config, conditioner=LabelCond, dataset=None):
 
     def build_denoiser(cfg, *, role, n_classes, conditioner, image_size, channels):
         assert role == "denoiser" and channels == 3 and image_size == 8
-        return TinyDenoiser(n_classes if conditioner.conditional else 0, T=config.num_timesteps)
+        return TinyDenoiser(n_classes if "label" in conditioner.fields else 0, T=config.num_timesteps)
 
     components = {"denoiser": component("backbone", "tiny", build_denoiser),
                   "conditioner": component("conditioner", conditioner.name, conditioner)}
