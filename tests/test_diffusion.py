@@ -411,3 +411,14 @@ def test_cli_refuses_guidance_with_an_unconditional_model(tmp_path):
 def write(path, raw):
     path.write_text(dumps(raw))
     return path
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_min_snr_training_step_with_each_objective(objective):
+    torch.manual_seed(0)
+    task, data = make_task(DiffusionConfig(num_timesteps=50, objective=objective, min_snr_gamma=5.0, sample_count=2))
+    before = [p.detach().clone() for p in task.export_modules()["denoiser"].parameters()]
+    loss = task.train_step(full_batch(data), 0)["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    after = list(task.export_modules()["denoiser"].parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))

@@ -56,16 +56,21 @@ class Schedule:
         self.name, self.T = name, T
         self.betas = make_betas(name, T)
         self.alpha_bar = torch.cumprod(1 - self.betas, dim=0)
+        self._log_alpha_bar = {}  # device -> log alpha_bar with t = -1 prepended
 
     def snr(self, t=None) -> torch.Tensor:
         ab = self.alpha_bar if t is None else self.at(t)
-        return ab / (1 - ab)
+        return ab / (1 - ab)  # on t's device
 
     def at(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar at timesteps t (N,), linearly interpolated in log alpha_bar between integers
         (fractional times of solvers); t < 0 means the clean image, alpha_bar = 1."""
-        t = torch.as_tensor(t, dtype=torch.float64).cpu()
-        log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), self.alpha_bar.log()])  # index 0: t = -1
+        # Computed where t lives: a training step on an accelerator needs no copy of t to the host.
+        t = torch.as_tensor(t).to(torch.float64)
+        log_ab = self._log_alpha_bar.get(t.device)
+        if log_ab is None:  # index 0: t = -1, the clean image
+            log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), self.alpha_bar.log()]).to(t.device)
+            self._log_alpha_bar[t.device] = log_ab
         u = (t + 1).clamp(0, self.T)
         lo = u.floor().long().clamp(max=self.T - 1)
         w = u - lo
