@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "handforge.plugins.augmentations.keypoint_affine",
     "handforge.plugins.losses.adversarial",
     "handforge.plugins.tasks.gan",
+    "handforge.plugins.tasks.diffusion",
     "handforge.plugins.tasks.classifier",
     "handforge.plugins.tasks.keypoints",
     "handforge.plugins.metrics",
