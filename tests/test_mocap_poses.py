@@ -186,3 +186,30 @@ def test_hand_poses_refuses_wrong_layout(tmp_path):
     np.save(tmp_path / "val/left.npy", poses(5, 44))
     with pytest.raises(DataError, match=r"val/left\.npy.*45"):
         HandPoses(HandPosesConfig(root=str(tmp_path)), "val")
+
+
+def test_prepare_mocap_splits_by_sequence_and_feeds_hand_poses(tmp_path):
+    from handforge.plugins.datasets.mocap_poses.prepare import prepare_mocap
+    root = tmp_path / "mocap"
+    for d in ("CMU", "GRAB"):
+        (root / d).mkdir(parents=True)
+        for s in range(10):
+            full = poses(20, 156)
+            full[:, 66] = s  # marks the sequence in every frame
+            np.savez(root / d / f"seq{s}_poses.npz", poses=full, mocap_framerate=np.array(120.0))
+    meta = prepare_mocap(root, tmp_path / "out", seed=1, total=200)
+    assert meta["sources"] == ["CMU", "GRAB"]
+    seen = {}
+    for split in ("train", "val", "test"):
+        left = np.load(tmp_path / "out" / split / "left.npy")
+        source = np.load(tmp_path / "out" / split / "source.npy")
+        seen[split] = set(zip(source.tolist(), left[:, 0].tolist()))
+    assert not (seen["train"] & seen["val"]) and not (seen["train"] & seen["test"])
+    assert sum(c["sequences"] for c in meta["splits"].values()) == 20
+    # high (GRAB) 60% of 200 over 10 sequences, low (CMU) the rest of the present shares
+    assert meta["splits"]["train"]["frames"] + meta["splits"]["val"]["frames"] + meta["splits"]["test"]["frames"] == 200
+    again = prepare_mocap(root, tmp_path / "out2", seed=1, total=200)
+    assert again == meta
+    np.testing.assert_array_equal(np.load(tmp_path / "out/train/left.npy"), np.load(tmp_path / "out2/train/left.npy"))
+    data = HandPoses(HandPosesConfig(root=str(tmp_path / "out")), "train")
+    assert data.batch([0]).shape == (1, 90)

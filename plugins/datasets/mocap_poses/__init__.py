@@ -8,3 +8,12 @@ Pickled files (GRAB, ARCTIC) are read only through :mod:`handforge.safe_pickle`.
 from .common import HandSequence, read_sequence
 
 __all__ = ["HandSequence", "read_sequence"]
+
+from handforge import hookimpl
+
+
+@hookimpl
+def register_commands(cli):
+    from . import prepare
+    cli.add_preparer("mocap", "mocap sequences (AMASS, Motion-X, GRAB, ARCTIC) -> hand_poses arrays",
+                     prepare.configure, prepare.command)
