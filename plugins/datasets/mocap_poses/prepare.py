@@ -96,11 +96,16 @@ def prepare_mocap(root, out, split=(0.8, 0.1, 0.1), seed=0, total=1_500_000, on_
         if not members:
             continue
         quota = int(round(total * SHARES[p] / sum(SHARES[q] for q in SHARES if present[q])))
-        per_seq = max(1, quota // len(members))
+        # Even over the priority's datasets, then even over each dataset's sequences.
+        by_dataset = {}
         for i in members:
-            n = len(sequences[i][2])
-            take = min(n, per_seq)
-            chosen[i] = np.unique(np.linspace(0, n - 1, take).round().astype(np.int64)) if n else np.zeros(0, int)
+            by_dataset.setdefault(sequences[i][0], []).append(i)
+        for group in by_dataset.values():
+            per_seq = max(1, quota // len(by_dataset) // len(group))
+            for i in group:
+                n = len(sequences[i][2])
+                take = min(n, per_seq)
+                chosen[i] = np.unique(np.linspace(0, n - 1, take).round().astype(np.int64))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     counts = {s: {"frames": 0, "sequences": 0, "per_dataset": {}} for s in SPLIT_NAMES}
     try:
