@@ -4,6 +4,8 @@ hooks a third-party package uses; the core loads them by this list and names non
 BUILTIN_MODULES = (
     "handforge.plugins.datasets.procedural_hands",
     "handforge.plugins.datasets.keypoint_json",
+    "handforge.plugins.datasets.hand_poses",
+    "handforge.plugins.datasets.mocap_poses",
     "handforge.plugins.datasets.freihand",
     "handforge.plugins.datasets.rwth_phoenix",
     "handforge.plugins.datasets.image_folder",
