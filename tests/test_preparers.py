@@ -73,7 +73,7 @@ def test_other_names_keep_the_dataset_form(converter_host):
 def test_an_unknown_name_lists_converters_and_datasets(converter_host, capsys):
     code, _, err = run_main(capsys, "prepare", "toy_sourse", "x", "--out", "y")
     assert code == 2 and "'toy_sourse' is neither a converter nor a dataset (did you mean 'toy_source'?)" in err
-    assert "converters: cache, freihand, toy_source;" in err and "procedural_hands" in err and "--num" not in err
+    assert "converters: cache, freihand, mocap, toy_source;" in err and "procedural_hands" in err and "--num" not in err
 
 
 def test_prepare_help_lists_the_preparers(converter_host, capsys):
