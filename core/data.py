@@ -44,6 +44,7 @@ FIELDS = {
     "hand_pose90": Field((90,), torch.float32, "left 45 + right 45"),
     "identity": Field((), torch.int64, "which person / synthetic individual"),
     "reference": Field((3, None, None), torch.float32, "another image of the same identity"),
+    "reference_keypoints": Field((N_KEYPOINTS, 3), torch.float32, "the keypoints of `reference`, as `keypoints`"),
     "handedness": Field((), torch.int64, "0 left, 1 right"),
 }
 

@@ -11,6 +11,7 @@ BUILTIN_MODULES = (
     "handforge.plugins.datasets.image_folder",
     "handforge.plugins.datasets.hagrid",
     "handforge.plugins.datasets.cache",
+    "handforge.plugins.datasets.tar_shards",
     "handforge.plugins.backbones.deep_conv",
     "handforge.plugins.backbones.resnet",
     "handforge.plugins.backbones.big_resnet",
