@@ -109,6 +109,12 @@ class Inputs:
     def class_names(self, side: str) -> list[str] | None:
         raise NotImplementedError
 
+    def paired(self, fn, key: str, needs_keypoints: bool = False) -> torch.Tensor:
+        """``fn(targets, generated, keypoints)`` -> (B, K) per-image values for every pair of a
+        target and the image generated for it (uint8 (B, 3, H, W) each; the targets' keypoints (B,
+        21, 3), or None where ``needs_keypoints`` is false and none are known): all rows, (N, K)."""
+        raise NotImplementedError
+
 
 # -- two sources: handforge evaluate ---------------------------------------------------------------
 
@@ -167,6 +173,28 @@ class SourceInputs(Inputs):
             return torch.cat(outputs).float().cpu(), torch.cat(keypoints).float().cpu()
 
         return self._memoized(_memo_key("posed", side, key), compute)
+
+    def paired(self, fn, key, needs_keypoints=False):
+        from .pairs import folder_pairs, run_pairs
+        from .sources import FolderSource, RunSource
+
+        real, fake = self.sources["real"], self.sources["fake"]
+        if isinstance(real, FolderSource) and isinstance(fake, FolderSource):
+            pairs = lambda: folder_pairs(real, fake, self.batch_size, needs_keypoints, self.metric)  # noqa: E731
+        elif real is None and isinstance(fake, RunSource):
+            pairs = lambda: run_pairs(fake, self.batch_size, needs_keypoints, self.metric)  # noqa: E731
+        else:
+            raise HandforgeError(f"metric '{self.metric}' compares image pairs: give --real and --fake image folders "
+                                 f"(files matched by name), or a run directory as --fake alone (its val split "
+                                 f"against its generations)")
+
+        def compute():
+            rows = [fn(r, f, k).float().cpu() for r, f, k in pairs()]
+            if not rows:
+                raise HandforgeError(f"metric '{self.metric}': no image pairs")
+            return torch.cat(rows)
+
+        return self._memoized(_memo_key("paired", key, needs_keypoints), compute)
 
 
 # -- a training run: in-loop evaluation on every process ---------------------------------------------
@@ -272,6 +300,29 @@ class RunInputs(Inputs):
             return self._gather(torch.cat(outputs)), self._gather(torch.cat(keypoints))
 
         return self._memoized(_memo_key("posed", side, key), compute)
+
+    def paired(self, fn, key, needs_keypoints=False):
+        """The run dataset's samples 0 .. num-1: each one's ``image`` against what the task generates
+        from the rest of the sample (its reference and keypoints, for pose transfer)."""
+        def compute():
+            dataset, device = self.run.dataset, self.device
+            indices = list(_share(self.num, self.rank, self.world))
+            rows = []
+            devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed * 1_000_003 + self.rank)
+                for start in range(0, len(indices), self.batch_size):
+                    samples = fetch_samples(dataset, indices[start:start + self.batch_size])
+                    keypoints = samples.get("keypoints")
+                    if needs_keypoints and keypoints is None:
+                        raise HandforgeError(f"dataset '{self.run.recipe.data.name}' yields no keypoints")
+                    conditions = {k: v.to(device) for k, v in samples.items() if k != "image"}
+                    with torch.no_grad():
+                        generated = uint8_images(self.run.task.generate(conditions))
+                    rows.append(fn(uint8_images(samples["image"]), generated, keypoints).float().cpu())
+            return self._gather(torch.cat(rows))
+
+        return self._memoized(_memo_key("paired", key, needs_keypoints), compute)
 
     def labelled(self, side):
         """Fakes: made for the labels of the train split's samples 0 .. num-1. Reals: the val split's
