@@ -28,34 +28,42 @@ def gaussian_taps(size: int = WINDOW, sigma: float = SIGMA, dtype=torch.float32)
     return (taps / taps.sum()).to(dtype)
 
 
-def _blur(maps: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Gaussian filter of every map, only where the window fits ('valid'). One 11x11 depthwise
-    convolution on channels-last maps: on a CPU about 4x faster than the two separable passes in
-    the default layout (oneDNN's depthwise kernels vectorise over channels)."""
-    channels = maps.shape[1]
-    window = (taps[:, None] * taps[None, :]).expand(channels, 1, -1, -1).contiguous()
-    return F.conv2d(maps.contiguous(memory_format=torch.channels_last), window, groups=channels)
-
-
 def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
-    """The SSIM map (N, C, H - 10, W - 10): pixel (i, j) is the window centred on (i + 5, j + 5)."""
+    """The SSIM map (N, C, H - 10, W - 10): pixel (i, j) is the window centred on (i + 5, j + 5).
+
+    Wang et al.'s formula needs the local means of x and y, the sum of their variances and their
+    covariance, which four blurred maps give instead of the usual five: with s = (x + y) / 2 and
+    d = (x - y) / 2, mu_x mu_y = mu_s^2 - mu_d^2, mu_x^2 + mu_y^2 = 2 (mu_s^2 + mu_d^2),
+    var_x + var_y = 2 (var_s + var_d) and cov_xy = var_s - var_d. s is centred on mid-range, so
+    every map stays within +-data_range / 2 before squaring (fp32 then agrees with a float64
+    computation to ~1e-7). The blur is one 11x11 depthwise convolution over channels-last maps: on
+    a CPU several times faster than two separable passes in torch (oneDNN vectorises over channels).
+    """
     if x.shape != y.shape:
         raise ValueError(f"images of different shapes: {tuple(x.shape)} and {tuple(y.shape)}")
     if min(x.shape[-2:]) < WINDOW:
         raise ValueError(f"SSIM needs images of at least {WINDOW}x{WINDOW} pixels, got {tuple(x.shape[-2:])}")
+    n, c, h, w = x.shape
     dtype = x.dtype if x.is_floating_point() else torch.float32
-    # Centred on mid-range: the variances come from numbers 4x smaller, so fp32 stays within 1e-5
-    # of a float64 computation; the means are shifted back for the luminance term.
-    offset = data_range / 2
-    x, y = x.to(dtype) - offset, y.to(dtype) - offset
-    channels = x.shape[1]
+    half = data_range / 2
+    xh, yh = x.permute(0, 2, 3, 1).to(dtype), y.permute(0, 2, 3, 1).to(dtype)  # channels last
+    s = torch.add(xh, yh).sub_(data_range).mul_(0.5)
+    d = torch.sub(xh, yh).mul_(0.5)
+    maps = torch.stack([s, d, s * s, d * d], dim=3).view(n, h, w, 4 * c)
     taps = gaussian_taps(dtype=dtype).to(x.device)
-    moments = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), taps)
-    mx, my, xx, yy, xy = moments.split(channels, dim=1)
-    var_x, var_y, cov = xx - mx * mx, yy - my * my, xy - mx * my
-    mx, my = mx + offset, my + offset
-    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
-    return ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (var_x + var_y + c2))
+    window = (taps[:, None] * taps[None, :]).expand(4 * c, 1, -1, -1).contiguous()
+    blurred = F.conv2d(maps.permute(0, 3, 1, 2), window, groups=4 * c)  # a channels-last view, no copy
+    # map-major, so that the arithmetic below runs over contiguous memory
+    ms, md, es, ed = blurred.permute(0, 2, 3, 1).reshape(n, h - 10, w - 10, 4, c).permute(3, 0, 1, 2, 4).contiguous()
+    var_s = torch.addcmul(es, ms, ms, value=-1, out=es)
+    var_d = torch.addcmul(ed, md, md, value=-1, out=ed)
+    mean_s2 = ms.add_(half).square_()  # ((mu_x + mu_y) / 2)^2, uncentred
+    mean_d2 = md.square_()
+    # numerator and denominator both divided by 4: (mu_x mu_y + c1/2)(cov + c2/2) / (...)
+    c1, c2 = (K1 * data_range) ** 2 / 2, (K2 * data_range) ** 2 / 2
+    numerator = torch.sub(mean_s2, mean_d2).add_(c1).mul_(torch.sub(var_s, var_d).add_(c2))
+    denominator = mean_s2.add_(mean_d2).add_(c1).mul_(var_s.add_(var_d).add_(c2))
+    return numerator.div_(denominator).permute(0, 3, 1, 2)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
