@@ -19,6 +19,9 @@ K1, K2 = 0.01, 0.03
 WINDOW, SIGMA = 11, 1.5
 # variance of the Laplacian over fewer pixels than this is no measure of sharpness
 MIN_BOX_PIXELS = 16
+# SSIM runs over batches in chunks of about this many pixels per image x images: its dozen maps
+# then stay in the CPU's cache (measured on 256 px: chunks of 1-4 images ~2x faster than 64).
+CHUNK_PIXELS = 1 << 17
 
 
 def gaussian_taps(size: int = WINDOW, sigma: float = SIGMA, dtype=torch.float32) -> torch.Tensor:
@@ -43,6 +46,15 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = DATA_RANGE) -
         raise ValueError(f"images of different shapes: {tuple(x.shape)} and {tuple(y.shape)}")
     if min(x.shape[-2:]) < WINDOW:
         raise ValueError(f"SSIM needs images of at least {WINDOW}x{WINDOW} pixels, got {tuple(x.shape[-2:])}")
+    n, c, h, w = x.shape
+    per_chunk = max(1, CHUNK_PIXELS // (h * w))
+    if n > per_chunk and x.device.type == "cpu":
+        return torch.cat([_ssim_map(x[i:i + per_chunk], y[i:i + per_chunk], data_range)
+                          for i in range(0, n, per_chunk)])
+    return _ssim_map(x, y, data_range)
+
+
+def _ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
     n, c, h, w = x.shape
     dtype = x.dtype if x.is_floating_point() else torch.float32
     half = data_range / 2
