@@ -115,9 +115,10 @@ class HandPsnr(HandMetric):
 
 
 class HandSharpness(HandMetric):
-    """Variance of the Laplacian in the hand box of the generated image over the target's (1: as
-    sharp as the target; below 1: blurrier hands, the usual failure of pose transfer). Targets whose
-    hand is flat have no ratio and are left out (``hand_images`` counts the rest)."""
+    """Sharpness of the generated hand relative to the target's (variance of the Laplacian in the box).
+
+    1: as sharp as the target; below 1: blurrier hands, the usual failure of pose transfer. Targets
+    whose hand is flat have no ratio and are left out (``hand_images`` counts the rest)."""
 
     score = "hand_sharpness"
     valid = "hand_textured"

@@ -194,6 +194,13 @@ class TarPairs(torch.utils.data.Dataset):
                 "keypoints": self._keypoints(keypoints, f"{where}.{KEYPOINTS_SUFFIX}"),
                 "reference": reference, "reference_keypoints": reference_keypoints}
 
+    def _shard_failed(self, exc: DataError) -> None:
+        """A shard that broke off (or, with on_error = "raise", a refused member in it): raise it as
+        it is, or count the rest of the shard as skipped."""
+        if not self.bad.skipping and "on_error" in str(exc):
+            raise exc  # already the policy's message (a refused member)
+        self.bad.problem(str(exc), "the rest of the shard is skipped", "damaged shard")
+
     def _refused(self, exc) -> None:
         self.bad.problem(str(exc), "the member is left out", "refused member")
 
@@ -220,7 +227,7 @@ class TarPairs(torch.utils.data.Dataset):
                     entries.append(Entry(number, key, sequence, (images[0], *members[images[0]]),
                                          members[KEYPOINTS_SUFFIX]))
             except DataError as exc:  # a damaged shard: what was indexed before the damage is kept
-                self.bad.problem(str(exc), "skipped the rest of the shard", "damaged shard")
+                self._shard_failed(exc)
         self.bad.print_summary(total)
         if not entries:
             why = f" ({self.bad.summary()})" if self.bad.counts else ""
@@ -276,7 +283,7 @@ class TarPairs(torch.utils.data.Dataset):
                         self.bad.problem(str(exc), "skipped", "unreadable sample")
                         self.bad.at_exit()
             except DataError as exc:  # damaged midway: the samples before it were yielded
-                self.bad.problem(str(exc), "skipped the rest of the shard", "damaged shard")
+                self._shard_failed(exc)
                 self.bad.at_exit()
 
 
