@@ -53,6 +53,23 @@ def test_synthsl_samples_pair_each_frame_with_its_sequence_reference(tmp_path):
     assert len(SynthSLPairs(TarPairsConfig(root=str(tmp_path)), split="val")) == 1
 
 
+def test_reference_frame_is_another_frame_of_the_same_sequence(tmp_path):
+    truth = fx.synthsl(tmp_path)
+    data = SynthSLPairs(TarPairsConfig(root=str(tmp_path), size=32, reference="frame", seed=3))
+    assert len(data) == 6
+    values = {key: value for key, (value, _) in truth.items()}
+    for i, entry in enumerate(data.entries):
+        sample = data[i]
+        same_sequence = {v for k, v in values.items() if k.split(".")[0] == entry.sequence and k != entry.key}
+        assert pixel(sample["reference"]) in same_sequence
+        # its keypoints are that frame's: the wrist of the frame whose colour the reference has
+        (key,) = [k for k, v in values.items() if v == pixel(sample["reference"])]
+        assert sample["reference_keypoints"][0, :2].tolist() == pytest.approx(truth[key][1], abs=1e-6)
+        assert torch.equal(data[i]["reference"], sample["reference"])  # fixed per sample
+    with pytest.raises(DataError, match="needs the map-style reading"):
+        data.stream()
+
+
 def test_bosphorus_crops_frames_and_keypoints_to_the_signing_area(tmp_path):
     truth = fx.bosphorus(tmp_path)
     data = BosphorusPairs(TarPairsConfig(root=str(tmp_path), size=64))

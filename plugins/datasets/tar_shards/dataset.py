@@ -65,6 +65,9 @@ class TarPairsConfig:
         "help": "which hand's 21 points are `keypoints` and `reference_keypoints`"})
     hand_points: list[int] = attrs.field(factory=list, validator=_hand_points, metadata={
         "help": "42 indices into the stored keypoints: left hand then right (empty: the layout's default)"})
+    reference: Literal["base", "frame"] = attrs.field(default="base", validator=v.in_(("base", "frame")), metadata={
+        "help": "the reference: the sequence's base frame, or another frame of the sequence (seeded per sample; "
+                "map-style reading only)"})
     shuffle_buffer: int = attrs.field(default=512, validator=v.ge(1), metadata={
         "help": "stream(): samples held to shuffle the shards' order (1: the order of the shards)"})
     seed: int = attrs.field(default=0, validator=v.ge(0), metadata={"help": "seed of stream()'s shuffling"})
@@ -105,6 +108,7 @@ class TarPairs(torch.utils.data.Dataset):
         self._references: OrderedDict = OrderedDict()
         self._reader = MemberReader()
         self.entries: list[Entry] | None = None  # built on first use: a stream never needs it
+        self.by_sequence: dict[str, list[int]] = {}
 
     # -- the references -----------------------------------------------------------------------------
 
@@ -229,6 +233,8 @@ class TarPairs(torch.utils.data.Dataset):
             except DataError as exc:  # a damaged shard: what was indexed before the damage is kept
                 self._shard_failed(exc)
         self.bad.print_summary(total)
+        for i, entry in enumerate(entries):
+            self.by_sequence.setdefault(entry.sequence, []).append(i)
         if not entries:
             why = f" ({self.bad.summary()})" if self.bad.counts else ""
             raise DataError(f"{self.name} {self.root}: no usable samples in the {self.split} split{why}")
@@ -238,12 +244,23 @@ class TarPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._index())
 
-    def _read(self, i: int) -> dict:
-        entry = self._index()[i]
+    def _read_entry(self, entry: Entry) -> tuple[bytes, bytes, str]:
         shard = self.shards[entry.shard]
         image = self._reader.read(shard, entry.image[1], entry.image[2])
-        keypoints = self._reader.read(shard, *entry.keypoints)
-        return self._sample(entry.sequence, image, keypoints, f"{shard}: {entry.key}")
+        return image, self._reader.read(shard, *entry.keypoints), f"{shard}: {entry.key}"
+
+    def _read(self, i: int) -> dict:
+        entry = self._index()[i]
+        image, keypoints, where = self._read_entry(entry)
+        sample = self._sample(entry.sequence, image, keypoints, where)
+        if self.config.reference == "frame":
+            others = [j for j in self.by_sequence[entry.sequence] if j != i] or [i]
+            # the same reference for sample i in every epoch and process: seeded by (seed, i)
+            j = others[int(np.random.default_rng(self.config.seed * 1_000_003 + i).integers(len(others)))]
+            image, keypoints, where = self._read_entry(self.entries[j])
+            sample["reference"] = self._image(image, f"{where}.rgb")
+            sample["reference_keypoints"] = self._keypoints(keypoints, f"{where}.{KEYPOINTS_SUFFIX}")
+        return sample
 
     def __getitem__(self, i: int) -> dict:
         i = check_index(self.name, i, len(self), "frames")
@@ -252,6 +269,9 @@ class TarPairs(torch.utils.data.Dataset):
     # -- streaming ----------------------------------------------------------------------------------
 
     def stream(self, rank: int = 0, world: int = 1, epoch: int = 0, shuffle: bool = True) -> "TarStream":
+        if self.config.reference != "base":
+            raise DataError(f"{self.name}: reference = {self.config.reference!r} picks frames at random and needs "
+                            f"the map-style reading; a stream pairs each frame with its sequence's base frame")
         return TarStream(self, rank, world, epoch, shuffle)
 
     def iter_samples(self, reader: int, readers: int, epoch: int, shuffle: bool):
