@@ -2,7 +2,8 @@
 loop of the seed project's kind, and the batched SSIM against scikit-image's, in one run.
 
     python bench/pose_transfer_data.py [--frames 600] [--size 256] [--clips 6] [--clip-frames 10]
-                                       [--ssim-images 64] [--threads 1] [--ssim-threads 1 2] [--json]
+                                       [--ssim-images 64] [--threads 1] [--ssim-threads 1 2] [--reps 3]
+                                       [--json]
 
 Reading: a temporary folder receives a SynthSL-layout shard set (``--frames`` frames of ``--size``
 px PNG in ``training.tar`` with keypoint pickles and the depth/segmentation/normal members, plus the
@@ -16,11 +17,13 @@ reference tars) and a Bosphorus-layout one (``--clips`` clip shards ``.tar.gz`` 
   sample by offset, in a shuffled order;
 - ours (stream): ``dataset.stream()`` front to back through the shuffle buffer.
 
-Frames/s counts decoded target frames (each with its reference and both keypoint sets).
+Frames/s counts decoded target frames (each with its reference and both keypoint sets), best of
+``--reps`` runs (the machine may be shared: the best is the least disturbed).
 
 SSIM: ``--ssim-images`` pairs of ``--size`` px images, ours in one batched call on each of
 ``--ssim-threads`` torch thread counts, scikit-image's ``structural_similarity`` (same settings: Gaussian 11 / 1.5, no
 sample covariance, per channel) in a loop on one thread. Goal: ours >= 5x. Best of 3 repetitions.
+(Ours runs its cache-sized chunks on one thread whatever the setting, see ``paired_math``.)
 """
 from __future__ import annotations
 
@@ -155,7 +158,7 @@ def reading_rows(root: pathlib.Path, args) -> list[dict]:
         spec = LAYOUTS[layout]
         shards = spec.shards(folder, "train")
         references = (folder / spec.reference_images, folder / spec.reference_keypoints)
-        seed_s, frames = timed(lambda: seed_loop(shards, references, args.size, spec.key_parts, spec.crop))
+        seed_s, frames = timed(lambda: seed_loop(shards, references, args.size, spec.key_parts, spec.crop), args.reps)
 
         def indexed():
             data = cls(TarPairsConfig(root=str(folder), size=args.size))
@@ -166,8 +169,8 @@ def reading_rows(root: pathlib.Path, args) -> list[dict]:
             data = cls(TarPairsConfig(root=str(folder), size=args.size))
             return sum(1 for sample in data.stream() if sample["image"].shape[0] == 3)
 
-        index_s, index_frames = timed(indexed)
-        stream_s, stream_frames = timed(streamed)
+        index_s, index_frames = timed(indexed, args.reps)
+        stream_s, stream_frames = timed(streamed, args.reps)
         assert frames == index_frames == stream_frames, (frames, index_frames, stream_frames)
         megabytes = sum(s.stat().st_size for s in shards) / 1e6
         rows.append({"layout": layout, "frames": frames, "shard_mb": round(megabytes, 1),
@@ -214,6 +217,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the reading runs")
     parser.add_argument("--ssim-threads", dest="ssim_threads", type=int, nargs="+", default=[1, 2],
                         help="torch threads of our SSIM, one row each (skimage: always 1)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each reading run; the best is kept")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
