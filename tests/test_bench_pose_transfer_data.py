@@ -15,7 +15,7 @@ pytest.importorskip("skimage")
 
 def test_bench_reads_every_frame_three_ways_and_agrees_with_skimage(capsys, one_thread):
     bench.main(["--frames", "12", "--clips", "2", "--clip-frames", "2", "--size", "32", "--ssim-images", "4",
-                "--ssim-threads", "1", "--json"])
+                "--ssim-threads", "1", "--reps", "1", "--json"])
     report = json.loads(capsys.readouterr().out)
     rows = {row["layout"]: row for row in report["reading"]}
     assert rows["synthsl"]["frames"] == 12 and rows["bosphorus"]["frames"] == 4

@@ -274,10 +274,11 @@ class TarPairs(torch.utils.data.Dataset):
                             f"the map-style reading; a stream pairs each frame with its sequence's base frame")
         return TarStream(self, rank, world, epoch, shuffle)
 
-    def iter_samples(self, reader: int, readers: int, epoch: int, shuffle: bool):
-        """This reader's samples, shard by shard in archive order (before the shuffle buffer): with at
-        least as many shards as readers each reader takes whole shards, else every reader goes through
-        every shard and decodes every ``readers``-th sample."""
+    def iter_groups(self, reader: int, readers: int, epoch: int, shuffle: bool):
+        """This reader's samples as undecoded ``(sequence, image bytes, keypoint bytes, where)``,
+        shard by shard in archive order: with at least as many shards as readers each reader takes
+        whole shards, else every reader goes through every shard and keeps every ``readers``-th
+        sample. (The shuffle buffer holds these: encoded frames are a fraction of decoded ones.)"""
         shards = list(range(len(self.shards)))
         if shuffle:
             random.Random(self.config.seed * 1_000_003 + epoch).shuffle(shards)
@@ -296,15 +297,21 @@ class TarPairs(torch.utils.data.Dataset):
                     if not images or KEYPOINTS_SUFFIX not in members:
                         self.bad.problem(f"{shard}: sample {key!r}", "is incomplete", "incomplete sample")
                         continue
-                    try:
-                        yield self._sample(self.layout.sequence(shard, key), members[images[0]],
-                                           members[KEYPOINTS_SUFFIX], f"{shard}: {key}")
-                    except DataError as exc:
-                        self.bad.problem(str(exc), "skipped", "unreadable sample")
-                        self.bad.at_exit()
+                    yield (self.layout.sequence(shard, key), members[images[0]], members[KEYPOINTS_SUFFIX],
+                           f"{shard}: {key}")
             except DataError as exc:  # damaged midway: the samples before it were yielded
                 self._shard_failed(exc)
                 self.bad.at_exit()
+
+    def decode(self, group) -> dict | None:
+        """The sample of one :meth:`iter_groups` item; None (counted) when it cannot be decoded under
+        on_error = "skip"."""
+        try:
+            return self._sample(*group)
+        except DataError as exc:
+            self.bad.problem(str(exc), "skipped", "unreadable sample")
+            self.bad.at_exit()
+            return None
 
 
 class SynthSLPairs(TarPairs):
@@ -321,7 +328,8 @@ class BosphorusPairs(TarPairs):
 
 class TarStream(torch.utils.data.IterableDataset):
     """:meth:`TarPairs.stream`: the samples of one rank, split over the DataLoader's workers and
-    mixed through a shuffle buffer of ``shuffle_buffer`` samples. ``set_epoch`` reshuffles."""
+    mixed through a shuffle buffer of ``shuffle_buffer`` samples (held encoded, decoded as they
+    leave it). ``set_epoch`` reshuffles."""
 
     def __init__(self, pairs: TarPairs, rank: int, world: int, epoch: int, shuffle: bool):
         if not 0 <= rank < world:
@@ -335,16 +343,21 @@ class TarStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         reader, readers = self.rank * workers + worker, self.world * workers
-        samples = self.pairs.iter_samples(reader, readers, self.epoch, self.shuffle)
+        groups = self.pairs.iter_groups(reader, readers, self.epoch, self.shuffle)
         size = self.pairs.config.shuffle_buffer if self.shuffle else 1
         rng = random.Random((self.pairs.config.seed * 1_000_003 + self.epoch) * 65_537 + reader)
         buffer = []
-        for sample in samples:
+        for group in groups:
             if len(buffer) < size:
-                buffer.append(sample)
+                buffer.append(group)
                 continue
             slot = rng.randrange(size)
-            yield buffer[slot]
-            buffer[slot] = sample
+            chosen, buffer[slot] = buffer[slot], group
+            sample = self.pairs.decode(chosen)
+            if sample is not None:
+                yield sample
         rng.shuffle(buffer)
-        yield from buffer
+        for group in buffer:
+            sample = self.pairs.decode(group)
+            if sample is not None:
+                yield sample
