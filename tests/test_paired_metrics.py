@@ -217,3 +217,39 @@ def test_registered_for_recipes(host):
     for name in ("ssim", "psnr", "hand_ssim", "hand_psnr", "hand_sharpness"):
         entry = host.registry("metric").get(name)
         assert "image" in entry.needs
+
+
+@pytest.fixture
+def reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_evaluate_a_run_directory_against_its_own_val_split(tmp_path, capsys, reset_accelerate, one_thread):
+    """--fake RUN alone: each val sample's image against the generation made from that sample."""
+    from conftest import cli_exit
+    from test_generate import tiny_raw, train
+
+    from handforge.runs import load_run
+    from handforge.plugins.metrics.sources import fetch_samples, uint8_images
+
+    run_dir = train(tiny_raw(tmp_path, "pose", pose=True))
+    code, out, err = cli_exit(capsys, "evaluate", "--fake", run_dir, "--metrics", "ssim,hand_ssim", "--num", "6",
+                              "--json")
+    assert code == 0, err
+    values = json.loads(out)["metrics"]
+    run = load_run(run_dir, split="val")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        samples = fetch_samples(run.dataset, list(range(6)))
+        with torch.no_grad():
+            fakes = run.task.generate({k: v for k, v in samples.items() if k != "image"})
+    real = uint8_images(samples["image"]).permute(0, 2, 3, 1).numpy()
+    fake = uint8_images(fakes).permute(0, 2, 3, 1).numpy()
+    assert values["ssim"] == pytest.approx(np.mean([sk_ssim(x, y) for x, y in zip(real, fake)]), abs=1e-4)
+    assert values["hand_images"] >= 1 and -1 <= values["hand_ssim"] <= 1
+    code, _, err = cli_exit(capsys, "evaluate", "--real", run_dir, "--fake", run_dir, "--metrics", "ssim", "--num", "4")
+    assert code == 2 and "compares image pairs" in err
