@@ -177,7 +177,7 @@ def test_evaluate_on_two_folders_matched_by_name(tmp_path, capsys):
     assert code == 2 and "1 of 5 fakes have none in" in err and "seq1/009.png" in err
     code, _, err = cli_exit(capsys, "evaluate", "--real", tmp_path / "fake", "--fake", tmp_path / "fake",
                             "--metrics", "hand_ssim")
-    assert code == 2 and "needs the keypoints of the --real images" in err
+    assert code == 2 and "needs the keypoints of the target images" in err and "labels.json" in err
 
 
 def test_in_a_run_each_sample_is_compared_with_its_generation(tmp_path):

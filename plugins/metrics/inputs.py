@@ -109,10 +109,10 @@ class Inputs:
     def class_names(self, side: str) -> list[str] | None:
         raise NotImplementedError
 
-    def paired(self, fn, key: str, needs_keypoints: bool = False) -> torch.Tensor:
+    def paired(self, fn, key: str) -> torch.Tensor:
         """``fn(targets, generated, keypoints)`` -> (B, K) per-image values for every pair of a
         target and the image generated for it (uint8 (B, 3, H, W) each; the targets' keypoints (B,
-        21, 3), or None where ``needs_keypoints`` is false and none are known): all rows, (N, K)."""
+        21, 3), or None where none are known): all rows, (N, K), computed once per ``key``."""
         raise NotImplementedError
 
 
@@ -174,15 +174,15 @@ class SourceInputs(Inputs):
 
         return self._memoized(_memo_key("posed", side, key), compute)
 
-    def paired(self, fn, key, needs_keypoints=False):
+    def paired(self, fn, key):
         from .pairs import folder_pairs, run_pairs
         from .sources import FolderSource, RunSource
 
         real, fake = self.sources["real"], self.sources["fake"]
         if isinstance(real, FolderSource) and isinstance(fake, FolderSource):
-            pairs = lambda: folder_pairs(real, fake, self.batch_size, needs_keypoints, self.metric)  # noqa: E731
+            pairs = lambda: folder_pairs(real, fake, self.batch_size, self.metric)  # noqa: E731
         elif real is None and isinstance(fake, RunSource):
-            pairs = lambda: run_pairs(fake, self.batch_size, needs_keypoints, self.metric)  # noqa: E731
+            pairs = lambda: run_pairs(fake, self.batch_size, self.metric)  # noqa: E731
         else:
             raise HandforgeError(f"metric '{self.metric}' compares image pairs: give --real and --fake image folders "
                                  f"(files matched by name), or a run directory as --fake alone (its val split "
@@ -194,7 +194,14 @@ class SourceInputs(Inputs):
                 raise HandforgeError(f"metric '{self.metric}': no image pairs")
             return torch.cat(rows)
 
-        return self._memoized(_memo_key("paired", key, needs_keypoints), compute)
+        return self._memoized(_memo_key("paired", key), compute)
+
+    def keypoint_source(self) -> str:
+        """Where the targets' keypoints would come from, for an error that finds none."""
+        real = self.sources["real"]
+        if real is not None:
+            return f"--real {real.description} (a labels.json with 'keypoints', 21 x 3 per image, as `handforge prepare` writes)"
+        return f"the dataset of --fake {self.sources['fake'].description}"
 
 
 # -- a training run: in-loop evaluation on every process ---------------------------------------------
@@ -301,7 +308,7 @@ class RunInputs(Inputs):
 
         return self._memoized(_memo_key("posed", side, key), compute)
 
-    def paired(self, fn, key, needs_keypoints=False):
+    def paired(self, fn, key):
         """The run dataset's samples 0 .. num-1: each one's ``image`` against what the task generates
         from the rest of the sample (its reference and keypoints, for pose transfer)."""
         def compute():
@@ -314,15 +321,16 @@ class RunInputs(Inputs):
                 for start in range(0, len(indices), self.batch_size):
                     samples = fetch_samples(dataset, indices[start:start + self.batch_size])
                     keypoints = samples.get("keypoints")
-                    if needs_keypoints and keypoints is None:
-                        raise HandforgeError(f"dataset '{self.run.recipe.data.name}' yields no keypoints")
                     conditions = {k: v.to(device) for k, v in samples.items() if k != "image"}
                     with torch.no_grad():
                         generated = uint8_images(self.run.task.generate(conditions))
                     rows.append(fn(uint8_images(samples["image"]), generated, keypoints).float().cpu())
             return self._gather(torch.cat(rows))
 
-        return self._memoized(_memo_key("paired", key, needs_keypoints), compute)
+        return self._memoized(_memo_key("paired", key), compute)
+
+    def keypoint_source(self) -> str:
+        return f"dataset '{self.run.recipe.data.name}'"
 
     def labelled(self, side):
         """Fakes: made for the labels of the train split's samples 0 .. num-1. Reals: the val split's

@@ -42,13 +42,14 @@ class HandPairedConfig(SampleOptions):
         "help": "fewer images with a scorable hand than this is an error, not a score"})
 
 
-def score_table(inputs, needs_hands: bool, margin: float = 0.25) -> dict[str, torch.Tensor]:
-    """Per-image scores of every pair, as {score: (N,)}."""
+def score_table(inputs, margin: float = 0.25) -> dict[str, torch.Tensor]:
+    """Per-image scores of every pair, as {score: (N,)}: one pass for all five metrics (the hand
+    scores are NaN where the targets' keypoints are unknown)."""
     def fn(real, fake, keypoints):
-        scores = paired_scores(real, fake, keypoints if needs_hands else None, margin=margin)
+        scores = paired_scores(real, fake, keypoints, margin=margin)
         return torch.stack([scores.get(name, torch.full_like(scores["ssim"], math.nan)) for name in SCORES], dim=1)
 
-    table = inputs.paired(fn, key=f"paired_scores:{needs_hands}:{margin}", needs_keypoints=needs_hands)
+    table = inputs.paired(fn, key=f"paired_scores:{margin}")
     return {name: table[:, i] for i, name in enumerate(SCORES)}
 
 
@@ -63,7 +64,7 @@ class Ssim(Metric):
     """Mean SSIM (Wang et al. 2004; Gaussian window 11, sigma 1.5) of generated images and their targets."""
 
     def measure(self, inputs):
-        scores = score_table(inputs, needs_hands=False)
+        scores = score_table(inputs)
         return {"ssim": float(scores["ssim"].double().mean())}
 
 
@@ -71,7 +72,7 @@ class Psnr(Metric):
     """Mean PSNR (dB, data range 255) of generated images and their targets; identical pairs counted apart."""
 
     def measure(self, inputs):
-        mean, identical = finite_mean(score_table(inputs, needs_hands=False)["psnr"])
+        mean, identical = finite_mean(score_table(inputs)["psnr"])
         return {"psnr": mean, "psnr_identical": float(identical)}
 
 
@@ -84,7 +85,10 @@ class HandMetric(Metric):
     def hand_scores(self, inputs) -> tuple[torch.Tensor, float]:
         from handforge.errors import HandforgeError
 
-        scores = score_table(inputs, needs_hands=True, margin=self.config.margin)
+        scores = score_table(inputs, margin=self.config.margin)
+        if torch.isnan(scores["hand"]).all():
+            raise HandforgeError(f"metric '{self.score}' needs the keypoints of the target images, and "
+                                 f"{inputs.keypoint_source()} has none")
         usable = scores[self.valid] > 0
         count = int(usable.sum())
         if count < self.config.min_images:

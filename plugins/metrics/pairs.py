@@ -4,7 +4,7 @@
   their path below the folder (``seq01/0004.png`` with ``seq01/0004.png``). Every fake must have
   its target; targets without a fake are not compared, and their number is said. ``--num`` picks
   a seeded subset of the fakes. The targets' keypoints (for the hand metrics) come from the real
-  folder's ``labels.json``, as for pose fidelity;
+  folder's ``labels.json``, as for pose fidelity, where it has them;
 - a run directory as ``--fake`` and no ``--real``: the run's val split, each sample's ``image``
   against what the task generates from the rest of the sample.
 """
@@ -32,7 +32,7 @@ def _pixels(path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from None
 
 
-def folder_pairs(real: FolderSource, fake: FolderSource, batch_size: int, needs_keypoints: bool,
+def folder_pairs(real: FolderSource, fake: FolderSource, batch_size: int,
                  metric: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(targets, fakes, targets' keypoints or None) batches of uint8 (B, 3, H, W), matched by name."""
     # Every target is a candidate, whatever subset --num chose on the real side.
@@ -44,9 +44,6 @@ def folder_pairs(real: FolderSource, fake: FolderSource, batch_size: int, needs_
         listed = ", ".join(missing[:MAX_LISTED]) + (f" and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else "")
         raise HandforgeError(f"metric '{metric}' compares each --fake image with the --real image of the same name, "
                              f"and {len(missing)} of {len(names)} fakes have none in {targets.root}: {listed}")
-    if needs_keypoints and targets.keypoints is None:
-        raise HandforgeError(f"metric '{metric}' needs the keypoints of the --real images: {targets.root} has no "
-                             f"labels.json with 'keypoints' (21 x 3 per image, as `handforge prepare` writes)")
     unmatched = len(by_name) - len(set(names))
     if unmatched:
         print(f"--real {targets.root}: {unmatched} of {len(by_name)} images have no --fake of the same name "
@@ -63,11 +60,11 @@ def folder_pairs(real: FolderSource, fake: FolderSource, batch_size: int, needs_
             reals.append(target)
             fakes.append(generated)
         to_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-        keypoints = targets.keypoints[torch.tensor(index)] if needs_keypoints else None
+        keypoints = None if targets.keypoints is None else targets.keypoints[torch.tensor(index)]
         yield to_tensor(reals), to_tensor(fakes), keypoints
 
 
-def run_pairs(source: RunSource, batch_size: int, needs_keypoints: bool, metric: str):
+def run_pairs(source: RunSource, batch_size: int, metric: str):
     """(targets, generations, keypoints) batches from a run's val split (the first ``source.num``)."""
     dataset, device = source.run.dataset, source.run.device
     num = min(source.num, len(dataset))
@@ -77,9 +74,6 @@ def run_pairs(source: RunSource, batch_size: int, needs_keypoints: bool, metric:
         for start in range(0, num, batch_size):
             samples = fetch_samples(dataset, list(range(start, min(start + batch_size, num))))
             keypoints = samples.get("keypoints")
-            if needs_keypoints and keypoints is None:
-                raise HandforgeError(f"metric '{metric}' needs keypoints, and the dataset of {source.description} "
-                                     f"yields none")
             conditions = {k: v.to(device) for k, v in samples.items() if k != "image"}
             try:
                 with torch.no_grad():
