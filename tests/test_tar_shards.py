@@ -2,7 +2,6 @@
 its sequence's reference, both hands' keypoints mapped from the stored body layout), the streaming
 reader's split over ranks and workers, and hostile or damaged shards: refused by name or skipped
 with a count, a planted pickle never run."""
-import gzip
 import io
 import os
 import pickle
