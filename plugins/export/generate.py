@@ -2,6 +2,9 @@
 
     handforge generate RUN_DIR --per-class N --out DIR [--truncation T] [--poses real|sampled]
                        [--checkpoint best|last|weights|PATH] [--batch-size B] [--seed S] [--limit K]
+    handforge generate RUN_DIR --variations N --of K --out DIR [--strength S] [...the same options]
+
+(``--variations``: N images of each of K synthetic individuals, see :mod:`.variations`.)
 
 What conditions the images depends on what the generator reads (the task's ``condition_fields``):
 
@@ -216,7 +219,7 @@ def _check_resumable(out: pathlib.Path, planned: dict) -> None:
                              f"use another folder")
 
 
-def _prepare_out(out: pathlib.Path, manifest: dict, accelerator) -> None:
+def prepare_out(out: pathlib.Path, manifest: dict, accelerator) -> None:
     if accelerator.is_main_process:
         if out.exists() and not out.is_dir():
             raise HandforgeError(f"--out {out}: exists and is not a folder")
@@ -225,8 +228,8 @@ def _prepare_out(out: pathlib.Path, manifest: dict, accelerator) -> None:
         elif out.is_dir() and any(out.iterdir()):
             raise HandforgeError(f"--out {out}: folder exists, is not empty and holds no {MANIFEST}; "
                                  f"choose another folder")
-        for name in manifest["class_names"]:
-            (out / folder_name(name)).mkdir(parents=True, exist_ok=True)
+        for folder in sorted({(out / r["file"]).parent for r in manifest["images"]}):
+            folder.mkdir(parents=True, exist_ok=True)
         if not (out / MANIFEST).is_file():
             write_manifest(out, manifest)
     accelerator.wait_for_everyone()
@@ -235,8 +238,6 @@ def _prepare_out(out: pathlib.Path, manifest: dict, accelerator) -> None:
 def export(opts: ExportOptions, host=None, run=None) -> ExportResult:
     """Generate (or continue generating) the export ``opts`` describes. ``run``: an already loaded run
     (:func:`handforge.runs.load_run` with split "train" and ``opts.checkpoint``)."""
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     if opts.per_class < 1:
         raise HandforgeError(f"--per-class must be at least 1, got {opts.per_class}")
@@ -249,10 +250,24 @@ def export(opts: ExportOptions, host=None, run=None) -> ExportResult:
     _set_truncation(run.task, opts.truncation)
     manifest = plan(run, opts)
     acc, out = run.accelerator, opts.out
-    _prepare_out(out, manifest, acc)
+    prepare_out(out, manifest, acc)
+
+    fields = manifest["settings"]["condition_fields"]
+
+    def images_of(records):
+        return run.task.generate(condition_batch(records, fields), seeds=[r["seed"] for r in records])
+
+    return write_batches(run.accelerator, manifest, out, images_of, opts, started)
+
+
+def write_batches(acc, manifest: dict, out: pathlib.Path, images_of, opts, started: float) -> ExportResult:
+    """Generate and write this process's batches of ``manifest`` whose files are not all there yet:
+    ``images_of(records)`` gives a batch's (N, 3, H, W) images in [-1, 1], in record order. PNGs are
+    encoded in ``opts.workers`` threads while the next batch is generated; the manifest is marked
+    complete once every file exists. ``opts``: ``limit``, ``workers``, ``progress``."""
+    from tqdm.auto import tqdm
 
     rank, world = acc.process_index, acc.num_processes
-    fields = manifest["settings"]["condition_fields"]
     mine = [(b, records) for b, records in batches(manifest).items()
             if b % world == rank and not all((out / r["file"]).is_file() for r in records)]
     if opts.limit is not None:
@@ -272,9 +287,8 @@ def export(opts: ExportOptions, host=None, run=None) -> ExportResult:
         pending: list = []
         for b, records in mine:
             tick = time.perf_counter()
-            conditions = condition_batch(records, fields)
             with torch.no_grad():
-                images = run.task.generate(conditions, seeds=[r["seed"] for r in records]).cpu()
+                images = images_of(records).cpu()
             generating += time.perf_counter() - tick
             # At most `workers` batches are being quantized and encoded: memory stays bounded, and
             # the generator goes on with the next batch meanwhile.
@@ -313,7 +327,12 @@ def _set_truncation(task, truncation: float | None) -> None:
 
 def configure(p) -> None:
     p.add_argument("run_dir", help="a run directory (recipe.toml, checkpoints/, weights/)")
-    p.add_argument("--per-class", dest="per_class", type=int, required=True, help="images per class")
+    p.add_argument("--per-class", dest="per_class", type=int, help="images per class")
+    p.add_argument("--variations", type=int, help="instead of --per-class: N images of each of --of K synthetic "
+                                                  "individuals (see docs/diffusion.md)")
+    p.add_argument("--of", dest="individuals", type=int, help="--variations: how many individuals (K)")
+    p.add_argument("--strength", type=float, help="--variations of label or unconditional models: how far each "
+                                                  "variation moves from its individual, in (0, 1] (default 0.5)")
     p.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier export to continue)")
     p.add_argument("--checkpoint", default="last",
                    help="last (default), best, weights (the exported final weights) or a checkpoint folder")
@@ -331,10 +350,35 @@ def configure(p) -> None:
 
 
 def command(args) -> int:
+    if args.variations is not None or args.individuals is not None:
+        return _variations_command(args)
+    if args.per_class is None:
+        raise HandforgeError("handforge generate: give --per-class N (images per class) or --variations N --of K "
+                             "(N images of each of K individuals)")
+    if args.strength is not None:
+        raise HandforgeError("--strength: only with --variations N --of K")
     opts = ExportOptions(run_dir=pathlib.Path(args.run_dir), out=pathlib.Path(args.out), per_class=args.per_class,
                          checkpoint=args.checkpoint, truncation=args.truncation, poses=args.poses,
                          pose_seed=args.pose_seed, seed=args.seed, batch_size=args.batch_size, limit=args.limit,
                          workers=args.workers, progress=args.progress)
     result = export(opts)
     print(result.summary())
+    return 0
+
+
+def _variations_command(args) -> int:
+    from .variations import VariationOptions, export_variations
+
+    if args.per_class is not None:
+        raise HandforgeError("--per-class and --variations: give one of them (images per class, or N images of "
+                             "each of --of K individuals)")
+    if args.variations is None or args.individuals is None:
+        raise HandforgeError(f"--variations N needs --of K (how many individuals), and --of needs --variations; "
+                             f"got --variations {args.variations}, --of {args.individuals}")
+    opts = VariationOptions(
+        run_dir=pathlib.Path(args.run_dir), out=pathlib.Path(args.out), variations=args.variations,
+        individuals=args.individuals, strength=0.5 if args.strength is None else args.strength,
+        checkpoint=args.checkpoint, truncation=args.truncation, poses=args.poses, pose_seed=args.pose_seed,
+        seed=args.seed, batch_size=args.batch_size, limit=args.limit, workers=args.workers, progress=args.progress)
+    print(export_variations(opts).summary())
     return 0

@@ -340,6 +340,23 @@ class GanTask(Task):
         z = torch.cat(rows).to(self.device)
         return self._generate(z, batch, torch.Generator().manual_seed(seeds[0]))
 
+    def variations(self, individuals, others, count, *, strength, generator):
+        """One z per individual. Pose-conditioned (a spatial conditioner, or one that reads keypoints):
+        that z under each of the ``count`` poses of ``others``. Otherwise ``count`` perturbations of it,
+        z_j = sqrt(1 - s^2) z + s eps_j with s = ``strength``: each z_j is again N(0, I) (the prior
+        the generator was trained on), s -> 0 is the individual itself and s = 1 an independent draw
+        under the same label, like SDEdit's strength. Every random number comes from ``generator``."""
+        if not 0 < strength <= 1:
+            raise HandforgeError(f"--strength must be in (0, 1], got {strength}")
+        individuals, others = self._to_device(individuals), self._to_device(others)
+        k = batch_size(individuals)
+        z = torch.randn(k, self.z_dim, generator=generator).repeat_interleave(count, dim=0)
+        if not (getattr(self.g_cond, "spatial", False) or "keypoints" in self.condition_fields):
+            eps = torch.randn(z.shape, generator=generator)
+            z = z * (1.0 - strength * strength) ** 0.5 + eps * strength
+        images = self._generate(z.to(self.device), others, generator)
+        return images.reshape(k, count, *images.shape[1:])
+
     def _sampling_generator(self):
         return self.ema if self.ema is not None else self.accelerator.unwrap_model(self.G)
 

@@ -20,9 +20,11 @@ from handforge import hookimpl
 from . import counter_rng as rng
 from . import kinematics as kin
 from . import raster, scene
-from .handshapes import ANGLE_HI, ANGLE_LO, ANGLE_NOISE, CLASS_SETS, ClassSet
+from .creases import crease_params
+from .handshapes import ANGLE_HI, ANGLE_LO, ANGLE_NOISE, CLASS_SETS, PALM_VIEW, ClassSet
 
 BACKGROUNDS = ("mixed", "solid", "gradient", "noise", "clutter")
+VIEWS = ("gestures", "palm")
 # Skin tones from light to dark (sRGB in [0, 1]); an individual's tone lies between two stops.
 SKIN_TONES = torch.tensor([[0.98, 0.84, 0.74], [0.93, 0.74, 0.60], [0.82, 0.60, 0.45],
                            [0.65, 0.45, 0.31], [0.45, 0.29, 0.19], [0.30, 0.19, 0.12]])
@@ -57,6 +59,9 @@ class ProceduralHandsConfig:
     # hand length (wrist to middle fingertip) over the image side, drawn between these two
     hand_size: list[float] = attrs.field(factory=lambda: [0.3, 0.5], validator=_size_range)
     reference: bool = False  # also render `reference`: the same individual in another pose and view
+    # "gestures": each class's handshape in its view; "palm": one class, the open hand with the palm
+    # to the camera, centred, with the individual's palm creases (`classes` is then not used)
+    view: Literal["gestures", "palm"] = attrs.field(default="gestures", validator=in_(VIEWS))
 
 
 # Uniform draws per sample, by use (see sample_params).
@@ -77,13 +82,15 @@ class ProceduralHands(torch.utils.data.Dataset):
         if split not in ("train", "val"):
             raise ValueError(f"procedural_hands: split must be 'train' or 'val', got {split!r}")
         self.config, self.split = config, split
-        self.classes = ClassSet(config.classes)
+        self.palm_view = config.view == "palm"
+        self.classes = ClassSet("palm", PALM_VIEW) if self.palm_view else ClassSet(config.classes)
         self.class_names = list(self.classes.names)
         self.image_size = config.size
         part = 1 if split == "val" else 0  # disjoint streams per split
         self._sample_key = rng.stream(config.seed, part)
         self._reference_key = rng.stream(config.seed, part + 4)
         self._identity_key = rng.stream(config.seed, 2)
+        self._crease_key = rng.stream(config.seed, 7)  # the palm view's creases, per identity
 
     def __len__(self) -> int:
         return self.config.length
@@ -120,7 +127,8 @@ class ProceduralHands(torch.utils.data.Dataset):
         angles = torch.minimum(torch.maximum(self.classes.templates[label] + noise, ANGLE_LO), ANGLE_HI)
         view = self.classes.views[label]
         scale = rng.between(u[:, 6], *cfg.hand_size)  # hand length over image side
-        room = (0.45 - 0.55 * scale).clamp_min(0.0)  # how far the hand's box centre may move
+        # How far the hand's box centre may move; the palm view keeps it centred.
+        room = torch.zeros_like(scale) if self.palm_view else (0.45 - 0.55 * scale).clamp_min(0.0)
         kinds = len(BACKGROUNDS) - 1
         if cfg.background == "mixed":
             bg_kind = (u[:, 13] * kinds).long().clamp(max=kinds - 1)
@@ -154,14 +162,15 @@ class ProceduralHands(torch.utils.data.Dataset):
         return params
 
     def identity_params(self, identity: torch.Tensor) -> dict:
-        """Proportions and skin tone of synthetic individuals (the same in both splits)."""
+        """Proportions and skin tone of synthetic individuals (the same in both splits); in the
+        palm view also their palm creases."""
         u = rng.uniform(self._identity_key, identity, 16)
         tone = u[:, 0] * (len(SKIN_TONES) - 1.001)
         lo = tone.floor().long()
         w = (tone - lo)[:, None]
         skin = SKIN_TONES[lo] * (1.0 - w) + SKIN_TONES[lo + 1] * w
         skin = (skin * rng.between(u[:, 1:4], 0.95, 1.05)).clamp(0.0, 1.0)
-        return {
+        params = {
             "hand_length": rng.between(u[:, 4], 0.165, 0.205),  # metres, wrist to middle fingertip
             "finger_scale": rng.between(u[:, 5], 0.92, 1.08),
             "palm_scale": rng.between(u[:, 6], 0.92, 1.1),
@@ -169,6 +178,9 @@ class ProceduralHands(torch.utils.data.Dataset):
             "digit_scale": rng.between(u[:, 8:13], 0.95, 1.05),  # thumb, index, middle, ring, pinky
             "skin": skin,
         }
+        if self.palm_view:
+            params.update(crease_params(self._crease_key, identity))
+        return params
 
     def reference_params(self, params: dict) -> dict:
         """The same individuals, hands, clothes and backgrounds in another pose, view and light."""

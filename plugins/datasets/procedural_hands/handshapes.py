@@ -84,6 +84,8 @@ FINGERSPELLING = {
 }
 
 CLASS_SETS = {"hagrid": HAGRID, "fingerspelling": FINGERSPELLING}
+# The palm view's one class: the open, spread hand with the palm to the camera (see `view`).
+PALM_VIEW = {"palm": HAGRID["palm"]}
 # Gestures that hide no finger behind the palm: the detector-judged set of the README.
 OPEN_CLASSES = ("palm", "stop", "four", "three", "three2", "peace", "two_up", "ok", "call", "rock", "one")
 
@@ -114,8 +116,8 @@ ANGLE_NOISE = torch.tensor(_FINGER_NOISE * 4 + _THUMB_NOISE)
 class ClassSet:
     """One class set as tensors: names, (C, 15, 3) templates, (C, 3) views."""
 
-    def __init__(self, name: str):
-        shapes = CLASS_SETS[name]
+    def __init__(self, name: str, shapes: dict | None = None):
+        shapes = CLASS_SETS[name] if shapes is None else shapes
         self.name = name
         self.names = tuple(shapes)
         self.templates = torch.stack([anatomical(s) for s in shapes.values()])

@@ -75,6 +75,7 @@ from .backgrounds import background, upsample  # noqa: F401  (re-exported)
 
 WARM_AMBIENT = np.array([1.065, 0.98, 0.95], dtype=np.float32)  # shadowed skin leans red
 NAIL_LIGHT = 0.3  # a nail adds this to light . normal: lighter, and glossier
+CREASE_LIGHT = 0.6  # a palm crease of full darkness takes this from light . normal
 CHUNK_PIXELS = 1 << 19  # samples are drawn in chunks of at most about this many pixels
 HIGHLIGHT_FROM = 0.55  # light . normal where the highlight starts
 TEXTURE_LEVELS = (0.03, 0.045, 0.06, 0.075)  # skin texture strengths (multiplicative)
@@ -205,6 +206,8 @@ def _plan(scene: dict, size: int):
         np.concatenate([ny, ly[:, None]], 1),
         np.concatenate([-offset, (s["palm_lit"] - (cx * lx + cy * ly))[:, None]], 1))
     plan["p_inv_round"] = (-1.0 / rounding)[:, None, None]
+    if "creases" in s:
+        _crease_plan(s["creases"], s["crease_depth"], px0[:, None] + steps, py0[:, None] + steps, plan)
     plan["p_base"] = (py0 * size + px0).astype(np.int64)
     shared["p_side"] = pside
     shared["p_offsets"] = (np.arange(2)[:, None] * npix + _tile_offsets(pside, size)).reshape(-1)
@@ -229,6 +232,22 @@ def _plan(scene: dict, size: int):
     plan = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in plan.items()}
     shared = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in shared.items()}
     return plan, shared
+
+
+def _crease_plan(segments, depth, xs, ys, plan):
+    """Palm creases on the palm's tile: per segment, the position along it from its start and the
+    signed distance across it as linear functions, and its scalars (length, (half-width + 1/2)^2,
+    darkness / (2 half-width), darkness; darkness in light . normal), so that a crease's coverage
+    is drawn like a capsule's."""
+    ux, uy, length, cross = _axis(*(segments[..., i] for i in range(4)))
+    ax, ay, width = segments[..., 0], segments[..., 1], segments[..., 4]
+    cx = np.stack([ux, -uy], -1).reshape(ux.shape[0], -1)
+    cy = np.stack([uy, ux], -1).reshape(ux.shape[0], -1)
+    c0 = np.stack([-(ax * ux + ay * uy), cross], -1).reshape(ux.shape[0], -1)
+    plan["c_rows"], plan["c_cols"] = _rows_cols(xs, ys, cx, cy, c0)
+    reach = width + 0.5
+    dark = depth * CREASE_LIGHT
+    plan["c_scal"] = np.stack([length, reach * reach, dark / (2.0 * width), dark], -1)[..., None, None]
 
 
 def _rows_cols(xs, ys, cx, cy, c0):
@@ -481,12 +500,32 @@ def _draw_palm(p, shared, canvas):
     alpha = _rsub(sdf, _HALF, out=layer[:, 1]).clamp_(0.0, 1.0)
     rim = sdf.mul_(p["p_inv_round"]).clamp_(0.0, 1.0)
     rim.mul_(_rsub(rim, _TWO, out=edges[:, 0])).mul_(0.45).add_(0.55)
-    _eval(rows, cols, k, out=layer[:, 0]).mul_(rim).mul_(alpha)
+    lit = _eval(rows, cols, k, out=layer[:, 0])
+    if "c_rows" in p:
+        lit.sub_(_crease_shade(p, bc, side))
+    lit.mul_(rim).mul_(alpha)
     keep = _rsub(alpha, _ONE, out=rim).view(bc, 1, t2)
     at = torch.add(p["p_base"][:, None], shared["p_offsets"], out=_ws("p_index", bc, 2 * t2, dtype=torch.int64))
     tile = torch.gather(canvas, 1, at, out=_ws("p_tile", bc, 2 * t2))
     tile.view(bc, 2, t2).mul_(keep)
     canvas.scatter_(1, at, tile.add_(layer.view(bc, 2 * t2)))
+
+
+def _crease_shade(p, bc, side):
+    """(B, side, side) light . normal the palm loses to its creases over its tile: the darkest
+    crease segment at each pixel, its capsule-like coverage times its darkness."""
+    rows, cols, scal = p["c_rows"], p["c_cols"], p["c_scal"]
+    g = scal.shape[1]
+    lin = torch.add(rows[..., None], cols[..., None, :], out=_ws("c_lin", bc, 2 * g, side, side))
+    lin = lin.view(bc, g, 2, side, side)
+    t, across = lin.unbind(2)
+    h = torch.clamp_min(t, 0.0, out=_ws("c_h", bc, g, side, side))
+    h = torch.minimum(h, scal[:, :, 0], out=h)
+    beyond = t.sub_(h)
+    dist2 = across.mul_(across).add_(beyond.mul_(beyond))
+    shade = _rsub(dist2, scal[:, :, 1], out=h).mul_(scal[:, :, 2])
+    shade = torch.minimum(shade.clamp_min_(0.0), scal[:, :, 3], out=shade)  # coverage at most 1
+    return torch.amax(shade, 1, out=_ws("c_shade", bc, side, side))
 
 
 def _draw_arm(p, bc, size):

@@ -76,6 +76,8 @@ def build(p: dict, joints: torch.Tensor, frames: torch.Tensor, size: int):
     fixed = torch.tensor([ARM_START, ARM_END]).expand(b, 2, 3)
     points = torch.cat([joints, tip_ends, torch.cat([palm, torch.zeros(b, _N_PALM, 1)], -1),
                         centre.expand(b, 1, 3), fixed, sleeve[:, None]], 1)
+    if "creases" in p:  # the palm view: crease points on the palm's surface, after all the others
+        points = torch.cat([points, _crease_points(p)], 1)
     # Frame the hand: the depth sets its size, then a sideways move puts the centre of its
     # keypoints' box at `shift` from the image centre (measured from a nominal depth first;
     # depth scales the box about the optical axis).
@@ -131,6 +133,8 @@ def build(p: dict, joints: torch.Tensor, frames: torch.Tensor, size: int):
         "bg_dir": torch.stack([cos[:, 5], sin[:, 5]], -1),
         "rand": p["raster_rand"],
     }
+    if "creases" in p:
+        scene.update(_creases(p, u, v, z, normal, focal))
     pixels = torch.stack([u[:, :21], v[:, :21]], -1)
     visible = raster.keypoint_visibility(
         pixels, z[:, :21], r_m, caps, torch.stack([za, zb], -1), _ADJACENT, scene["palm_verts"],
@@ -153,3 +157,32 @@ def _arm(p, u, v, z, focal):
     ra = arm_r[:, 0] / z[:, _ARM]
     return torch.stack([ax, ay, bx, by, ra, arm_r[:, 1] / z[:, _ARM + 1], 0.25 * ra, p["sleeve"].float(),
                         ex, ey, 0.5 - (ax * ex + ay * ey) - start], -1)
+
+
+_CREASES = _ARM + 3  # the first crease point
+
+
+def _crease_points(p) -> torch.Tensor:
+    """(B, L * (S + 1), 3) crease points: on the palm's front surface (+z, the palm side, half
+    the slab's thickness out), x scaled by the palm width like the palm polygon."""
+    creases = p["creases"]
+    b = creases.shape[0]
+    flat = creases.reshape(b, -1, 2) * torch.stack([p["palm_scale"], torch.ones(b)], -1)[:, None]
+    return torch.cat([flat, torch.full((b, flat.shape[1], 1), PALM_HALF_THICKNESS)], -1)
+
+
+def _creases(p, u, v, z, normal, focal) -> dict:
+    """The creases as (B, G, 5) segments (ax, ay, bx, by, half-width), pixels, and their (B, G)
+    darkness: the crease's depth times how squarely the palm faces the camera (none when it
+    faces away, as the back of the hand is seen then)."""
+    b, lines, points = p["creases"].shape[:3]
+    at = _CREASES + torch.arange(lines * points).view(lines, points)
+    start, end = at[:, :-1].reshape(-1), at[:, 1:].reshape(-1)
+    per_line = points - 1
+    # normal is the palm side's direction: it faces the camera where its z is negative.
+    facing = ((-normal[:, 2] - 0.15) * 4.0).clamp(0.0, 1.0)
+    width = (p["crease_width"] * p["hand_length"][:, None]).repeat_interleave(per_line, 1)
+    width = width * focal / z[:, _CENTRE, None]
+    segments = torch.stack([u[:, start], v[:, start], u[:, end], v[:, end], width], -1)
+    depth = p["crease_depth"].repeat_interleave(per_line, 1) * facing[:, None]
+    return {"creases": segments, "crease_depth": depth}
