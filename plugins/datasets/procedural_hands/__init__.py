@@ -21,6 +21,7 @@ from . import counter_rng as rng
 from . import kinematics as kin
 from . import raster, scene
 from .handshapes import ANGLE_HI, ANGLE_LO, ANGLE_NOISE, CLASS_SETS, ClassSet
+from .poses_file import load_poses
 
 BACKGROUNDS = ("mixed", "solid", "gradient", "noise", "clutter")
 # Skin tones from light to dark (sRGB in [0, 1]); an individual's tone lies between two stops.
@@ -57,6 +58,10 @@ class ProceduralHandsConfig:
     # hand length (wrist to middle fingertip) over the image side, drawn between these two
     hand_size: list[float] = attrs.field(factory=lambda: [0.3, 0.5], validator=_size_range)
     reference: bool = False  # also render `reference`: the same individual in another pose and view
+    # Poses from a file instead of handshape templates: an .npz with right / left (N, 45) (handforge
+    # sample-poses) or a prepared mocap split folder (right.npy / left.npy). Each sample takes a random
+    # row; there is no handshape class then, so no `label`.
+    poses_file: str | None = None
 
 
 # Uniform draws per sample, by use (see sample_params).
@@ -84,6 +89,7 @@ class ProceduralHands(torch.utils.data.Dataset):
         self._sample_key = rng.stream(config.seed, part)
         self._reference_key = rng.stream(config.seed, part + 4)
         self._identity_key = rng.stream(config.seed, 2)
+        self.file_poses = load_poses(config.poses_file) if config.poses_file else None
 
     def __len__(self) -> int:
         return self.config.length
@@ -119,6 +125,8 @@ class ProceduralHands(torch.utils.data.Dataset):
         noise = rng.normal(pose_u.reshape(-1, 15, 3, 3)) * (ANGLE_NOISE * cfg.pose_noise)
         angles = torch.minimum(torch.maximum(self.classes.templates[label] + noise, ANGLE_LO), ANGLE_HI)
         view = self.classes.views[label]
+        if self.file_poses is not None:  # no class, so no class view either
+            view = torch.zeros_like(view)
         scale = rng.between(u[:, 6], *cfg.hand_size)  # hand length over image side
         room = (0.45 - 0.55 * scale).clamp_min(0.0)  # how far the hand's box centre may move
         kinds = len(BACKGROUNDS) - 1
@@ -150,6 +158,8 @@ class ProceduralHands(torch.utils.data.Dataset):
             "sleeve_start": rng.between(u[:, 16], 0.15, 0.6),  # hand lengths below the wrist
             "raster_rand": raster_u,
         }
+        if self.file_poses is not None:
+            params["pose_u"] = u[:, _GENERAL - 1]  # which row of the file; the last general draw
         params.update(self.identity_params(identity))
         return params
 
@@ -187,7 +197,7 @@ class ProceduralHands(torch.utils.data.Dataset):
     def render(self, p: dict, with_mask: bool = False) -> dict:
         """Contract fields for sampled parameters (plus "mask", the hand's coverage, if asked)."""
         size = self.image_size
-        hand_pose = kin.anatomical_to_pose(p["angles"])
+        hand_pose = kin.anatomical_to_pose(p["angles"]) if self.file_poses is None else self._file_pose(p)
         joints, frames = kin.forward_kinematics(hand_pose, self.rest_skeletons(p))
         view, pixels, visible, cam = scene.build(p, joints, frames, size)
         image, mask = raster.rasterize(view, size)
@@ -212,11 +222,28 @@ class ProceduralHands(torch.utils.data.Dataset):
         }
         if with_mask:
             out["mask"] = mask
+        if self.file_poses is not None:
+            del out["label"]
         return out
+
+    def _file_pose(self, p: dict) -> torch.Tensor:
+        """(B, 45) right-hand-frame poses from the poses file: a left hand takes a row of the file's
+        left poses (mirrored into the right-hand frame the renderer poses), a right hand one of its
+        right poses; a file with one hand serves both."""
+        poses = self.file_poses
+        left_rows = poses.get("left", poses.get("right"))
+        right_rows = poses.get("right", poses.get("left"))
+        left_sign = LEFT_POSE_SIGN if "left" in poses else torch.ones(45)
+        right_sign = LEFT_POSE_SIGN if "right" not in poses else torch.ones(45)
+        pick = lambda rows: rows[(p["pose_u"] * len(rows)).long().clamp(max=len(rows) - 1)]  # noqa: E731
+        left = p["handedness"] == 0
+        return torch.where(left[:, None], pick(left_rows) * left_sign, pick(right_rows) * right_sign)
 
 
 def provides(config: ProceduralHandsConfig) -> tuple:
     fields = ("image", "label", "keypoints", "joints3d", "hand_pose", "handedness", "identity")
+    if config.poses_file:
+        fields = tuple(f for f in fields if f != "label")
     return fields + ("reference",) if config.reference else fields
 
 
