@@ -215,3 +215,15 @@ def test_the_shipped_hand_prior_recipe_trains_on_a_prepared_mocap_tree(tmp_path)
     out = tmp_path / "poses.npz"
     assert run_cli("sample-poses", tmp_path / "hand_prior", "--num", 20, "--out", out).returncode == 0
     assert set(np.load(out).files) >= {"left", "right", "energy"}
+
+
+def test_pose_to_anatomical_inverts_anatomical_to_pose_over_the_joint_limits():
+    from handforge.plugins.datasets.procedural_hands.handshapes import ANGLE_HI, ANGLE_LO
+    angles = ANGLE_LO + torch.rand(3000, 15, 3, generator=torch.Generator().manual_seed(0)) * (ANGLE_HI - ANGLE_LO)
+    back = kin.pose_to_anatomical(kin.anatomical_to_pose(angles))
+    assert float((back - angles).abs().max()) < 0.1  # degrees; a PIP bend beyond 90 included
+    assert kin.within_limits(back.clamp(ANGLE_LO, ANGLE_HI), ANGLE_LO, ANGLE_HI).all()
+    outside = angles.clone()
+    outside[:, 1, 0] = ANGLE_HI[1, 0] + 20.0  # index PIP bent 20 degrees past its limit
+    flags = kin.within_limits(kin.pose_to_anatomical(kin.anatomical_to_pose(outside)), ANGLE_LO, ANGLE_HI)
+    assert not flags[:, 1].any()

@@ -61,7 +61,7 @@ class ProceduralHandsConfig:
     # Poses from a file instead of handshape templates: an .npz with right / left (N, 45) (handforge
     # sample-poses) or a prepared mocap split folder (right.npy / left.npy). Each sample takes a random
     # row; there is no handshape class then, so no `label`.
-    poses_file: str | None = None
+    poses_file: str = ""  # "" = handshape templates
 
 
 # Uniform draws per sample, by use (see sample_params).
