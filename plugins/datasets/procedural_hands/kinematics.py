@@ -299,6 +299,8 @@ def pose_to_anatomical(hand_pose: torch.Tensor) -> torch.Tensor:
     return (torch.stack([bend, splay, twist], -1) * sign[:, None] / DEG).float()
 
 
-def within_limits(angles: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(B, 15) whether each joint's three anatomical angles lie within [lo, hi] (degrees)."""
-    return ((angles >= lo) & (angles <= hi)).all(-1)
+def within_limits(angles: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tolerance: float = 0.1) -> torch.Tensor:
+    """(B, 15) whether each joint's three anatomical angles lie within [lo, hi] (degrees), give or take
+    ``tolerance``: the round-off of a float32 pose turned back into angles (under 0.05 degrees), so a
+    joint sampled at its limit counts as within."""
+    return ((angles >= lo - tolerance) & (angles <= hi + tolerance)).all(-1)
