@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from handforge.plugins.metrics.frechet import frechet_distance
-from handforge.plugins.metrics.prdc import DEFAULT_BLOCK, prdc
+from handforge.prdc import DEFAULT_BLOCK, prdc
 
 PRDC_GOAL_S = 10.0  # 10k x 10k x 2048 on 2 cores
 

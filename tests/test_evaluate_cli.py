@@ -225,7 +225,7 @@ def test_weights_list_reports_a_missing_file(cli, tmp_path, monkeypatch):
 def test_inception_path_matches_the_math_on_its_features(cli, tmp_path, monkeypatch):
     """Needs the real FID Inception weights (`handforge weights fetch inception_fid`); skipped without them."""
     from handforge.plugins.metrics import extractors
-    from handforge.plugins.metrics.prdc import prdc
+    from handforge.prdc import prdc
     from handforge.plugins.metrics.weight_files import INCEPTION_FID
     from handforge.weights import weights_dir
 

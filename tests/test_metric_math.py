@@ -12,7 +12,7 @@ import torch
 from handforge.errors import HandforgeError
 from handforge.plugins.metrics.frechet import FeatureStats, FeatureStatsKeyError, frechet_distance
 from handforge.plugins.metrics.inception_score import inception_score
-from handforge.plugins.metrics.prdc import prdc
+from handforge.prdc import prdc
 
 try:
     import scipy.linalg as scipy_linalg

@@ -26,7 +26,7 @@ from .extractors import EXTRACTORS, ExtractorOptions, build_extractor
 from .frechet import frechet_distance
 from .inception_score import inception_score
 from .inputs import run_inputs
-from .prdc import prdc
+from handforge.prdc import prdc
 
 GPU_NUM_SAMPLES = 10_000
 # Images per side on a CPU, per extractor, for an evaluation under a tenth of the quickstart's

@@ -16,12 +16,14 @@ import torch
 from attrs.validators import ge, in_, le
 
 from handforge import hookimpl
+from handforge.errors import HandforgeError
 
 from . import counter_rng as rng
 from . import kinematics as kin
 from . import raster, scene
 from .creases import crease_params
 from .handshapes import ANGLE_HI, ANGLE_LO, ANGLE_NOISE, CLASS_SETS, PALM_VIEW, ClassSet
+from .poses_file import load_poses
 
 BACKGROUNDS = ("mixed", "solid", "gradient", "noise", "clutter")
 VIEWS = ("gestures", "palm")
@@ -62,6 +64,10 @@ class ProceduralHandsConfig:
     # "gestures": each class's handshape in its view; "palm": one class, the open hand with the palm
     # to the camera, centred, with the individual's palm creases (`classes` is then not used)
     view: Literal["gestures", "palm"] = attrs.field(default="gestures", validator=in_(VIEWS))
+    # Poses from a file instead of handshape templates: an .npz with right / left (N, 45) (handforge
+    # sample-poses) or a prepared mocap split folder (right.npy / left.npy). Each sample takes a random
+    # row; there is no handshape class then, so no `label`.
+    poses_file: str = ""  # "" = handshape templates
 
 
 # Uniform draws per sample, by use (see sample_params).
@@ -83,6 +89,9 @@ class ProceduralHands(torch.utils.data.Dataset):
             raise ValueError(f"procedural_hands: split must be 'train' or 'val', got {split!r}")
         self.config, self.split = config, split
         self.palm_view = config.view == "palm"
+        if self.palm_view and config.poses_file:
+            # The palm view is one open-hand pose by definition; a poses file sets every pose.
+            raise HandforgeError("procedural_hands: view = \"palm\" and poses_file are exclusive; drop one of them")
         self.classes = ClassSet("palm", PALM_VIEW) if self.palm_view else ClassSet(config.classes)
         self.class_names = list(self.classes.names)
         self.image_size = config.size
@@ -91,6 +100,7 @@ class ProceduralHands(torch.utils.data.Dataset):
         self._reference_key = rng.stream(config.seed, part + 4)
         self._identity_key = rng.stream(config.seed, 2)
         self._crease_key = rng.stream(config.seed, 7)  # the palm view's creases, per identity
+        self.file_poses = load_poses(config.poses_file) if config.poses_file else None
 
     def __len__(self) -> int:
         return self.config.length
@@ -126,6 +136,8 @@ class ProceduralHands(torch.utils.data.Dataset):
         noise = rng.normal(pose_u.reshape(-1, 15, 3, 3)) * (ANGLE_NOISE * cfg.pose_noise)
         angles = torch.minimum(torch.maximum(self.classes.templates[label] + noise, ANGLE_LO), ANGLE_HI)
         view = self.classes.views[label]
+        if self.file_poses is not None:  # no class, so no class view either
+            view = torch.zeros_like(view)
         scale = rng.between(u[:, 6], *cfg.hand_size)  # hand length over image side
         # How far the hand's box centre may move; the palm view keeps it centred.
         room = torch.zeros_like(scale) if self.palm_view else (0.45 - 0.55 * scale).clamp_min(0.0)
@@ -158,6 +170,8 @@ class ProceduralHands(torch.utils.data.Dataset):
             "sleeve_start": rng.between(u[:, 16], 0.15, 0.6),  # hand lengths below the wrist
             "raster_rand": raster_u,
         }
+        if self.file_poses is not None:
+            params["pose_u"] = u[:, _GENERAL - 1]  # which row of the file; the last general draw
         params.update(self.identity_params(identity))
         return params
 
@@ -199,7 +213,7 @@ class ProceduralHands(torch.utils.data.Dataset):
     def render(self, p: dict, with_mask: bool = False) -> dict:
         """Contract fields for sampled parameters (plus "mask", the hand's coverage, if asked)."""
         size = self.image_size
-        hand_pose = kin.anatomical_to_pose(p["angles"])
+        hand_pose = kin.anatomical_to_pose(p["angles"]) if self.file_poses is None else self._file_pose(p)
         joints, frames = kin.forward_kinematics(hand_pose, self.rest_skeletons(p))
         view, pixels, visible, cam = scene.build(p, joints, frames, size)
         image, mask = raster.rasterize(view, size)
@@ -224,11 +238,28 @@ class ProceduralHands(torch.utils.data.Dataset):
         }
         if with_mask:
             out["mask"] = mask
+        if self.file_poses is not None:
+            del out["label"]
         return out
+
+    def _file_pose(self, p: dict) -> torch.Tensor:
+        """(B, 45) right-hand-frame poses from the poses file: a left hand takes a row of the file's
+        left poses (mirrored into the right-hand frame the renderer poses), a right hand one of its
+        right poses; a file with one hand serves both."""
+        poses = self.file_poses
+        left_rows = poses.get("left", poses.get("right"))
+        right_rows = poses.get("right", poses.get("left"))
+        left_sign = LEFT_POSE_SIGN if "left" in poses else torch.ones(45)
+        right_sign = LEFT_POSE_SIGN if "right" not in poses else torch.ones(45)
+        pick = lambda rows: rows[(p["pose_u"] * len(rows)).long().clamp(max=len(rows) - 1)]  # noqa: E731
+        left = p["handedness"] == 0
+        return torch.where(left[:, None], pick(left_rows) * left_sign, pick(right_rows) * right_sign)
 
 
 def provides(config: ProceduralHandsConfig) -> tuple:
     fields = ("image", "label", "keypoints", "joints3d", "hand_pose", "handedness", "identity")
+    if config.poses_file:
+        fields = tuple(f for f in fields if f != "label")
     return fields + ("reference",) if config.reference else fields
 
 

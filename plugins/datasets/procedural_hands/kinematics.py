@@ -272,3 +272,35 @@ def bone_angle(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tenso
 
 
 RADII_T = torch.tensor(RADII)
+
+
+def pose_to_anatomical(hand_pose: torch.Tensor) -> torch.Tensor:
+    """(B, 45) axis-angle hand_pose -> (B, 15, 3) anatomical (bend, splay, twist) degrees: the inverse
+    of :func:`anatomical_to_pose`, for checking poses from elsewhere (a prior's samples, mocap)
+    against the joint limits. Not batch-invariant (torch trigonometry): for measurements only.
+
+    In a joint's own frame (columns bend, splay, twist; orientation sign s) R = Ry(s splay) Rx(s bend)
+    Rz(s twist), an Euler Y-X-Z decomposition. It has two solutions; the one with the smaller splay
+    and twist is taken, so a bend beyond 90 degrees (a PIP joint) comes out as such.
+    """
+    b = hand_pose.shape[0]
+    r = axis_angle_to_matrix(hand_pose.reshape(b, 15, 3).double())
+    frame = JOINT_AXES.double().transpose(-1, -2)  # (15, 3, 3), columns bend, splay, twist
+    sign = torch.linalg.det(frame)  # the thumb's MCP and IP frames are left-handed
+    local = frame.transpose(-1, -2) @ r @ frame
+    bend = torch.asin((-local[..., 1, 2]).clamp(-1.0, 1.0))
+    splay = torch.atan2(local[..., 0, 2], local[..., 2, 2])
+    twist = torch.atan2(local[..., 1, 0], local[..., 1, 1])
+    wrap = lambda a: torch.remainder(a + math.pi, 2 * math.pi) - math.pi  # noqa: E731
+    other = (math.pi - bend, wrap(splay + math.pi), wrap(twist + math.pi))
+    use_other = torch.maximum(other[1].abs(), other[2].abs()) < torch.maximum(splay.abs(), twist.abs())
+    bend, splay, twist = (torch.where(use_other, o, a) for o, a in zip(other, (bend, splay, twist)))
+    bend = wrap(bend)
+    return (torch.stack([bend, splay, twist], -1) * sign[:, None] / DEG).float()
+
+
+def within_limits(angles: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tolerance: float = 0.1) -> torch.Tensor:
+    """(B, 15) whether each joint's three anatomical angles lie within [lo, hi] (degrees), give or take
+    ``tolerance``: the round-off of a float32 pose turned back into angles (under 0.05 degrees), so a
+    joint sampled at its limit counts as within."""
+    return ((angles >= lo - tolerance) & (angles <= hi + tolerance)).all(-1)

@@ -29,6 +29,9 @@ the expansion's round-off -- small. Only one block x block tile of distances exi
 
 Peak memory beyond the inputs: shifted float32 copies of both sets ((N + M) x D x 4 bytes) plus
 a few block x block tiles (at most 4 x block^2 x 4 bytes: 16 MiB at the default block of 1024).
+
+It lives in the core so that every plugin (the metrics on image features, the pose prior on pose
+vectors) uses this one implementation.
 """
 from __future__ import annotations
 
