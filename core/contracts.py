@@ -95,7 +95,7 @@ class Generator(Backbone, Protocol):
 @runtime_checkable
 class Conditioner(Protocol):
     """``factory(config, *, role, n_classes, image_size) -> conditioner``: how a condition (label,
-    keypoints) enters a network. ``role`` is "generator" or "discriminator"; one that cannot serve
+    keypoints) enters a network. ``role`` is "generator", "discriminator" or "denoiser"; one that cannot serve
     the role raises :class:`~handforge.errors.HandforgeError`. A backbone never looks at labels or
     keypoints: it asks its side's conditioner for the layers that consume them and passes the
     opaque ``cond`` along. The modules a conditioner returns belong to the backbone (trained,
@@ -104,7 +104,7 @@ class Conditioner(Protocol):
     ``fields`` are the sample fields it reads (also registered as ``needs``); ``condition(batch)``
     makes the ``cond`` the task passes to both networks (a label tensor, maps made on the device
     from ``batch["keypoints"]``, a tuple, or None). The role's members are in
-    :class:`GeneratorSide` and :class:`DiscriminatorSide`; a class that declares ``roles`` (a
+    :class:`GeneratorSide`, :class:`DiscriminatorSide` and :class:`DenoiserSide`; a class that declares ``roles`` (a
     tuple of role names) needs only those sides' members. Optional: ``spatial = True`` when
     ``cond`` is (N, K, H, W) maps aligned with the image (an augmentation then moves them with
     the image); ``shared_embedding(dim) -> nn.Module | None`` (BigGAN's shared class embedding);
@@ -130,6 +130,23 @@ class GeneratorSide(Conditioner, Protocol):
     def norm(self, num_features: int, **options: Any) -> nn.Module: ...
 
     def latent(self, cond: Any) -> torch.Tensor | None: ...
+
+
+@runtime_checkable
+class DenoiserSide(Conditioner, Protocol):
+    """A diffusion denoiser's conditioner: ``input_channels`` and ``merge_input(x, cond) -> x``
+    (channels concatenated to x_t, 0 and the identity when none); ``denoiser_embedding(dim) ->
+    nn.Module | None`` (maps ``cond`` to an (N, dim) vector added to the time embedding, None when
+    there is none); ``drop(cond, mask) -> cond``: the null condition on the rows where the (N,)
+    bool mask is set (classifier-free guidance)."""
+
+    input_channels: int
+
+    def merge_input(self, x: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+    def denoiser_embedding(self, dim: int) -> nn.Module | None: ...
+
+    def drop(self, cond: Any, mask: torch.Tensor) -> Any: ...
 
 
 @runtime_checkable
@@ -239,7 +256,8 @@ CONTRACTS = {c.kind: c for c in (
     KindContract("dataset", Dataset, when_provides={"label": LabelledDataset}),
     KindContract("backbone", Backbone, roles={"generator": Generator}, module=True),
     KindContract("conditioner", Conditioner,
-                 roles={"generator": GeneratorSide, "discriminator": DiscriminatorSide}),
+                 roles={"generator": GeneratorSide, "discriminator": DiscriminatorSide,
+                        "denoiser": DenoiserSide}),
     KindContract("augmentation", ImageAugmentation,
                  signatures={"images": ImageAugmentation, "batch": BatchAugmentation}),
     KindContract("loss", AdversarialLoss, signatures={"adversarial": AdversarialLoss}),

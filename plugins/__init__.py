@@ -12,6 +12,7 @@ BUILTIN_MODULES = (
     "handforge.plugins.datasets.hagrid",
     "handforge.plugins.datasets.cache",
     "handforge.plugins.backbones.deep_conv",
+    "handforge.plugins.backbones.unet",
     "handforge.plugins.backbones.resnet",
     "handforge.plugins.backbones.big_resnet",
     "handforge.plugins.backbones.stylegan2",
