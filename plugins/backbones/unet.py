@@ -265,4 +265,4 @@ def build_unet(config, *, role, image_size, conditioner=None, channels=3, **_):
 
 @hookimpl
 def register_backbones(register):
-    register("unet", build_unet, config=UnetConfig)
+    register("unet", build_unet, config=UnetConfig, roles=("denoiser",))
