@@ -249,6 +249,9 @@ class KindContract:
     signatures: dict = attrs.field(factory=dict)  # register(..., signature=NAME) -> protocol; first = default
     roles: dict = attrs.field(factory=dict)  # build context role -> protocol with that role's members
     module: bool = False  # a torch.nn.Module
+    # Roles a class serves only when it declares them (added after third-party classes were
+    # written against the others, which must keep registering unchanged).
+    opt_in_roles: tuple = ()
     when_provides: dict = attrs.field(factory=dict)  # provided field -> protocol the dataset also meets
 
 
@@ -257,7 +260,8 @@ CONTRACTS = {c.kind: c for c in (
     KindContract("backbone", Backbone, roles={"generator": Generator}, module=True),
     KindContract("conditioner", Conditioner,
                  roles={"generator": GeneratorSide, "discriminator": DiscriminatorSide,
-                        "denoiser": DenoiserSide}),
+                        "denoiser": DenoiserSide},
+                 opt_in_roles=("denoiser",)),
     KindContract("augmentation", ImageAugmentation,
                  signatures={"images": ImageAugmentation, "batch": BatchAugmentation}),
     KindContract("loss", AdversarialLoss, signatures={"adversarial": AdversarialLoss}),
@@ -355,11 +359,11 @@ def missing_on_instance(obj, protocols) -> list[str]:
 
 def _declared_roles(cls: type, contract: KindContract, info: dict) -> tuple:
     """The roles a registered class says it serves (a ``roles`` class attribute or ``register(...,
-    roles=...)``); all of the kind's roles when it says nothing."""
+    roles=...)``); all of the kind's roles but the opt-in ones when it says nothing."""
     roles = info.get("roles", _lookup(cls, "roles"))
     if isinstance(roles, (tuple, list, frozenset, set)) and all(isinstance(r, str) for r in roles):
         return tuple(r for r in roles if r in contract.roles)
-    return tuple(contract.roles)
+    return tuple(r for r in contract.roles if r not in contract.opt_in_roles)
 
 
 def check_registration(kind: str, factory, info: dict) -> str | None:
