@@ -95,7 +95,7 @@ class Generator(Backbone, Protocol):
 @runtime_checkable
 class Conditioner(Protocol):
     """``factory(config, *, role, n_classes, image_size) -> conditioner``: how a condition (label,
-    keypoints) enters a network. ``role`` is "generator" or "discriminator"; one that cannot serve
+    keypoints) enters a network. ``role`` is "generator", "discriminator" or "denoiser"; one that cannot serve
     the role raises :class:`~handforge.errors.HandforgeError`. A backbone never looks at labels or
     keypoints: it asks its side's conditioner for the layers that consume them and passes the
     opaque ``cond`` along. The modules a conditioner returns belong to the backbone (trained,
@@ -104,7 +104,7 @@ class Conditioner(Protocol):
     ``fields`` are the sample fields it reads (also registered as ``needs``); ``condition(batch)``
     makes the ``cond`` the task passes to both networks (a label tensor, maps made on the device
     from ``batch["keypoints"]``, a tuple, or None). The role's members are in
-    :class:`GeneratorSide` and :class:`DiscriminatorSide`; a class that declares ``roles`` (a
+    :class:`GeneratorSide`, :class:`DiscriminatorSide` and :class:`DenoiserSide`; a class that declares ``roles`` (a
     tuple of role names) needs only those sides' members. Optional: ``spatial = True`` when
     ``cond`` is (N, K, H, W) maps aligned with the image (an augmentation then moves them with
     the image); ``shared_embedding(dim) -> nn.Module | None`` (BigGAN's shared class embedding);
@@ -130,6 +130,23 @@ class GeneratorSide(Conditioner, Protocol):
     def norm(self, num_features: int, **options: Any) -> nn.Module: ...
 
     def latent(self, cond: Any) -> torch.Tensor | None: ...
+
+
+@runtime_checkable
+class DenoiserSide(Conditioner, Protocol):
+    """A diffusion denoiser's conditioner: ``input_channels`` and ``merge_input(x, cond) -> x``
+    (channels concatenated to x_t, 0 and the identity when none); ``denoiser_embedding(dim) ->
+    nn.Module | None`` (maps ``cond`` to an (N, dim) vector added to the time embedding, None when
+    there is none); ``drop(cond, mask) -> cond``: the null condition on the rows where the (N,)
+    bool mask is set (classifier-free guidance)."""
+
+    input_channels: int
+
+    def merge_input(self, x: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+    def denoiser_embedding(self, dim: int) -> nn.Module | None: ...
+
+    def drop(self, cond: Any, mask: torch.Tensor) -> Any: ...
 
 
 @runtime_checkable
@@ -232,6 +249,9 @@ class KindContract:
     signatures: dict = attrs.field(factory=dict)  # register(..., signature=NAME) -> protocol; first = default
     roles: dict = attrs.field(factory=dict)  # build context role -> protocol with that role's members
     module: bool = False  # a torch.nn.Module
+    # Roles a class serves only when it declares them (added after third-party classes were
+    # written against the others, which must keep registering unchanged).
+    opt_in_roles: tuple = ()
     when_provides: dict = attrs.field(factory=dict)  # provided field -> protocol the dataset also meets
 
 
@@ -239,7 +259,9 @@ CONTRACTS = {c.kind: c for c in (
     KindContract("dataset", Dataset, when_provides={"label": LabelledDataset}),
     KindContract("backbone", Backbone, roles={"generator": Generator}, module=True),
     KindContract("conditioner", Conditioner,
-                 roles={"generator": GeneratorSide, "discriminator": DiscriminatorSide}),
+                 roles={"generator": GeneratorSide, "discriminator": DiscriminatorSide,
+                        "denoiser": DenoiserSide},
+                 opt_in_roles=("denoiser",)),
     KindContract("augmentation", ImageAugmentation,
                  signatures={"images": ImageAugmentation, "batch": BatchAugmentation}),
     KindContract("loss", AdversarialLoss, signatures={"adversarial": AdversarialLoss}),
@@ -337,11 +359,11 @@ def missing_on_instance(obj, protocols) -> list[str]:
 
 def _declared_roles(cls: type, contract: KindContract, info: dict) -> tuple:
     """The roles a registered class says it serves (a ``roles`` class attribute or ``register(...,
-    roles=...)``); all of the kind's roles when it says nothing."""
+    roles=...)``); all of the kind's roles but the opt-in ones when it says nothing."""
     roles = info.get("roles", _lookup(cls, "roles"))
     if isinstance(roles, (tuple, list, frozenset, set)) and all(isinstance(r, str) for r in roles):
         return tuple(r for r in roles if r in contract.roles)
-    return tuple(contract.roles)
+    return tuple(r for r in contract.roles if r not in contract.opt_in_roles)
 
 
 def check_registration(kind: str, factory, info: dict) -> str | None:

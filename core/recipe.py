@@ -438,6 +438,7 @@ def resolve(raw: dict, source=None, host=None) -> Recipe:
             component = r.component(table, slot.kind, f"model.{slot.name}")
             if component is not None:
                 model[slot.name] = component
+                r.problems.extend(role_problems(component, slot, task.name))
         # A task may require slots by its options (a classifier's mode "mixgen" needs generated
         # images): it registers check_slots(config, filled slot names) -> problems.
         check_slots = task.entry.info.get("check_slots")
@@ -465,6 +466,24 @@ def resolve(raw: dict, source=None, host=None) -> Recipe:
         raise RecipeError(r.problems, source=source)
     return Recipe(source, name, seed, output_dir, resume, resolved_plugins, task, data, model, train,
                   evaluation, metrics)
+
+
+def declared_roles(entry) -> tuple | None:
+    """The roles a registered component says it serves, or None when it says nothing."""
+    roles = entry.info.get("roles", getattr(entry.factory, "roles", None) if isinstance(entry.factory, type) else None)
+    if isinstance(roles, (tuple, list, set, frozenset)) and all(isinstance(x, str) for x in roles):
+        return tuple(roles)
+    return None
+
+
+def role_problems(component: Component, slot, task_name: str) -> list[str]:
+    """A component in a slot whose role it does not serve (a GAN generator as a denoiser)."""
+    role = getattr(slot, "role", None)
+    roles = declared_roles(component.entry)
+    if role is None or roles is None or role in roles:
+        return []
+    return [f"{component.path}: {component.entry.kind} '{component.name}' serves the {' and '.join(roles)} "
+            f"role{'s' if len(roles) > 1 else ''}, not the {role} that task '{task_name}' builds here"]
 
 
 def resolve_component(table: dict, kind: str, path: str, host=None) -> Component:

@@ -18,13 +18,16 @@ import torch
 @attrs.frozen
 class Slot:
     """A component slot a task declares. ``default`` fills the slot when a recipe leaves it out;
-    a slot with no default and ``optional=False`` is required."""
+    a slot with no default and ``optional=False`` is required. ``role`` is the role the task
+    builds the slot's component for; a component that declares its roles (a ``roles`` class
+    attribute, or ``register(..., roles=...)``) and lacks it is rejected when the recipe is read."""
 
     name: str
     kind: str
     default: str | None = None
     optional: bool = False
     summary: str = ""
+    role: str | None = None
 
 
 class Task:

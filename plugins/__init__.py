@@ -14,6 +14,7 @@ BUILTIN_MODULES = (
     "handforge.plugins.datasets.cache",
     "handforge.plugins.datasets.tar_shards",
     "handforge.plugins.backbones.deep_conv",
+    "handforge.plugins.backbones.unet",
     "handforge.plugins.backbones.resnet",
     "handforge.plugins.backbones.big_resnet",
     "handforge.plugins.backbones.stylegan2",

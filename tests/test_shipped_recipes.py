@@ -62,3 +62,17 @@ def test_gan_recipes_run_shortened(tmp_path):
         assert (run_dir / "samples" / "step_00000002.png").is_file(), name
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["step"] == 2 and all(math.isfinite(last[k]) for k in ("d_loss", "g_loss")), (name, last)
+
+
+# The diffusion recipes, shrunk: 32 px, U-Net width 8, 4 sampling steps; everything else as shipped.
+DIFFUSION_SMALL = ["data.size=32", "model.denoiser.dim=8", "task.sampling_steps=4", "task.sample_count=4"]
+
+
+@pytest.mark.parametrize("name", ["diffusion_quickstart", "handshape_diffusion_pose", "palm_ddpm"])
+def test_diffusion_recipes_run_shortened(tmp_path, name):
+    result = run_cli("run", REPO / "recipes" / f"{name}.toml", f"output_dir={tmp_path}", "train.steps=2",
+                     "train.batch_size=4", "train.sample_every=2", "train.progress=false", *DIFFUSION_SMALL)
+    assert result.returncode == 0, f"{name}: {result.stderr}"
+    assert (tmp_path / name / "samples" / "step_00000002.png").is_file()
+    last = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and math.isfinite(last["loss"]), last

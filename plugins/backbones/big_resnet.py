@@ -36,7 +36,7 @@ from attrs import validators as v
 from handforge import hookimpl
 from handforge.errors import HandforgeError
 
-from .pairs import check_size
+from .pairs import ROLES, check_size
 from .resnet import DownBlock, Init, OptimizedBlock, layer
 
 
@@ -222,4 +222,4 @@ def build_big_resnet(config, *, role, image_size, conditioner, n_classes=0, **_)
 
 @hookimpl
 def register_backbones(register):
-    register("big_resnet", build_big_resnet, config=BigResNetConfig)
+    register("big_resnet", build_big_resnet, config=BigResNetConfig, roles=ROLES)

@@ -26,7 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm as sn
 
 from handforge import hookimpl
 
-from .pairs import pick_network
+from .pairs import ROLES, pick_network
 
 
 @attrs.define
@@ -91,4 +91,4 @@ def build_deep_conv(config, *, role, image_size, conditioner, n_classes=0, **_):
 
 @hookimpl
 def register_backbones(register):
-    register("deep_conv", build_deep_conv, config=DeepConvConfig)
+    register("deep_conv", build_deep_conv, config=DeepConvConfig, roles=ROLES)

@@ -10,7 +10,8 @@ ROLES = ("generator", "discriminator")
 def check_size(name: str, image_size: int, role: str, roles=ROLES) -> int:
     """Blocks between 4x4 and the image; a HandforgeError naming the backbone for a bad role or size."""
     if role not in roles:
-        raise HandforgeError(f"backbone '{name}' has roles {sorted(roles)}, not {role!r}")
+        where = " ([model.denoiser] of the diffusion task takes a denoiser such as 'unet')" if role == "denoiser" else ""
+        raise HandforgeError(f"backbone '{name}' has roles {sorted(roles)}, not {role!r}{where}")
     if not isinstance(image_size, int) or image_size < 8 or image_size & (image_size - 1):
         raise HandforgeError(f"backbone '{name}' needs a power-of-two image size >= 8, got {image_size}")
     return int(math.log2(image_size // 4))

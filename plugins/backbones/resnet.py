@@ -28,7 +28,7 @@ from torch.nn.utils.parametrizations import spectral_norm as sn
 from handforge import hookimpl
 
 from .deep_conv import widths
-from .pairs import pick_network
+from .pairs import ROLES, pick_network
 
 # Weight initialisations of the backbones' own layers (conditioner-made layers initialise themselves).
 INITS = {
@@ -158,4 +158,4 @@ def build_resnet(config, *, role, image_size, conditioner, n_classes=0, **_):
 
 @hookimpl
 def register_backbones(register):
-    register("resnet", build_resnet, config=ResNetConfig)
+    register("resnet", build_resnet, config=ResNetConfig, roles=ROLES)

@@ -58,7 +58,7 @@ from attrs import validators as v
 from handforge import hookimpl
 from handforge.errors import HandforgeError
 
-from .pairs import pick_network
+from .pairs import ROLES, pick_network
 
 
 @attrs.define
@@ -439,4 +439,4 @@ def build_stylegan2(config, *, role, image_size, conditioner, n_classes=0, **_):
 
 @hookimpl
 def register_backbones(register):
-    register("stylegan2", build_stylegan2, config=StyleGan2Config)
+    register("stylegan2", build_stylegan2, config=StyleGan2Config, roles=ROLES)

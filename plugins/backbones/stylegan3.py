@@ -55,7 +55,7 @@ from handforge import hookimpl
 from handforge.errors import HandforgeError
 
 from . import stylegan2
-from .pairs import check_size
+from .pairs import ROLES, check_size
 from .stylegan2 import (EqualLinear, MappingNetwork, ModulatedConv2d, SharedStyleOptions, StyleGan2Config,
                         check_generator_conditioner)
 
@@ -364,4 +364,4 @@ def build_stylegan3(config, *, role, image_size, conditioner, n_classes=0, **_):
 
 @hookimpl
 def register_backbones(register):
-    register("stylegan3", build_stylegan3, config=StyleGan3Config)
+    register("stylegan3", build_stylegan3, config=StyleGan3Config, roles=ROLES)

@@ -5,7 +5,7 @@ the layers that consume them and passes an opaque ``cond`` through its forward. 
 is duck-typed; subclass :class:`Conditioner` to inherit the unconditional defaults.
 
 ``factory(config, *, role, n_classes, **context) -> conditioner``
-    ``role`` is "generator" or "discriminator"; a conditioner that cannot serve ``role`` raises
+    ``role`` is "generator", "discriminator" or "denoiser"; a conditioner that cannot serve ``role`` raises
     :class:`~handforge.errors.HandforgeError`. ``context`` holds ``image_size``.
 ``conditioner.fields -> tuple[str, ...]``
     the sample fields it reads (also registered as ``needs``).
@@ -34,6 +34,11 @@ is duck-typed; subclass :class:`Conditioner` to inherit the unconditional defaul
 ``conditioner.input_channels -> int`` and ``conditioner.merge_input(x, cond) -> x``
     discriminator side: extra channels concatenated to the image before the first layer
     (``concat``); 0 and the identity by default.
+``conditioner.denoiser_embedding(dim) -> nn.Module | None`` and ``conditioner.drop(cond, mask)``
+    denoiser side (``role="denoiser"``, the diffusion task): a module mapping ``cond`` to an
+    (N, dim) vector the U-Net adds to its time embedding (None when there is none), and ``cond``
+    with the null condition on the rows of the (N,) bool ``mask`` (classifier-free guidance). The
+    denoiser also reads ``input_channels``/``merge_input`` (channels concatenated to x_t).
 ``conditioner.head(num_features, *, spectral_norm=False) -> nn.Module``
     discriminator side: the output layer on pooled features h (N, F). ``forward(h, cond)``
     returns logits (N,), or ``(logits, aux)`` when the conditioner has an auxiliary objective
@@ -111,10 +116,11 @@ class Conditioner:
 
     def __init__(self, config=None, *, role: str, n_classes: int = 0, **context):
         if role not in self.roles:
-            other = {"generator": "d_conditioner", "discriminator": "g_conditioner"}[role]
+            other = {"generator": "d_conditioner", "discriminator": "g_conditioner"}.get(role)
+            hint = f"use it as {other}, or pick another" if other else "pick another"
             raise HandforgeError(
                 f"conditioner '{self.name}' works on the {' and '.join(self.roles)} side only, "
-                f"not as the {role}'s conditioner (use it as {other}, or pick another)"
+                f"not as the {role}'s conditioner ({hint})"
             )
         if "label" in self.fields and n_classes < 1:
             raise HandforgeError(f"conditioner '{self.name}' needs class labels, but the dataset has no class_names")
@@ -141,6 +147,13 @@ class Conditioner:
 
     def merge_input(self, x, cond):
         return x
+
+    def denoiser_embedding(self, dim: int):
+        return None
+
+    def drop(self, cond, mask):
+        """The null condition on the rows of ``mask`` (classifier-free guidance); nothing to drop here."""
+        return cond
 
     def head(self, num_features: int, *, spectral_norm: bool = False) -> nn.Module:
         return LinearHead(num_features, spectral_norm)

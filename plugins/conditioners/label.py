@@ -3,6 +3,7 @@
 The conditioner interface (including the vector norms and shared embedding that BigGAN-style
 generators use) is described in :mod:`handforge.plugins.conditioners.base`.
 """
+import torch
 import torch.nn as nn
 
 from handforge import hookimpl
@@ -52,18 +53,33 @@ class ProjectionHead(nn.Module):
 class NoCondition(Conditioner):
     """No condition: plain BatchNorm on the generator, a linear head on the discriminator.
 
-    A BigGAN-style backbone still gets vector norms driven by its z chunks (see the base class)."""
+    A BigGAN-style backbone still gets vector norms driven by its z chunks (see the base class);
+    a denoiser gets only its time embedding."""
+
+    roles = ("generator", "discriminator", "denoiser")
 
 
 class ClassBatchNorm(Conditioner):
-    """Class-conditional BatchNorm on the generator: per-class gain and bias, initialised to identity."""
+    """Class-conditional BatchNorm on the generator: per-class gain and bias, initialised to identity;
+    on a denoiser, a class embedding added to the time embedding."""
 
-    name, roles, fields = "cbn", ("generator",), ("label",)
+    name, roles, fields = "cbn", ("generator", "denoiser"), ("label",)
 
     def norm(self, num_features: int, *, extra_dim: int = 0, spectral_norm: bool = False) -> nn.Module:
         if extra_dim:  # BigGAN: the class enters through the shared embedding, part of the vector
             return VectorBatchNorm(num_features, extra_dim, spectral_norm)
         return ConditionalBatchNorm(num_features, self.n_classes)
+
+    def denoiser_embedding(self, dim: int) -> nn.Module:
+        # Denoiser side: a class embedding added to the time embedding; row n_classes is the null
+        # class that drop() gives (classifier-free guidance), starting at zero (= unconditional).
+        embedding = nn.Embedding(self.n_classes + 1, dim)
+        with torch.no_grad():
+            embedding.weight[self.n_classes].zero_()
+        return embedding
+
+    def drop(self, cond, mask):
+        return torch.where(mask.to(cond.device), torch.full_like(cond, self.n_classes), cond)
 
     def shared_embedding(self, dim: int) -> nn.Module:
         embedding = nn.Embedding(self.n_classes, dim)

@@ -124,7 +124,11 @@ class SpadeConditioner(_PoseConditioner):
 class ConcatConditioner(_PoseConditioner):
     """Keypoint heatmaps / limb maps concatenated to the discriminator's input image."""
 
-    name, roles = "concat", ("discriminator",)
+    name, roles = "concat", ("discriminator", "denoiser")
+
+    def drop(self, cond, mask):
+        # The null pose: all-zero maps on the dropped rows (classifier-free guidance).
+        return cond * (~mask.to(cond.device)).to(cond.dtype)[:, None, None, None]
 
     @property
     def input_channels(self) -> int:

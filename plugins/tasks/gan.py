@@ -389,10 +389,10 @@ def register_tasks(register):
     register(
         "gan", GanTask, config=GanConfig, needs=("image",),
         slots=(
-            Slot("generator", "backbone", summary="the generator network"),
-            Slot("discriminator", "backbone", summary="the discriminator network"),
-            Slot("g_conditioner", "conditioner", default="none", summary="how conditions enter G"),
-            Slot("d_conditioner", "conditioner", default="none", summary="how conditions enter D"),
+            Slot("generator", "backbone", summary="the generator network", role="generator"),
+            Slot("discriminator", "backbone", summary="the discriminator network", role="discriminator"),
+            Slot("g_conditioner", "conditioner", default="none", summary="how conditions enter G", role="generator"),
+            Slot("d_conditioner", "conditioner", default="none", summary="how conditions enter D", role="discriminator"),
             Slot("loss", "loss", default="hinge", summary="adversarial loss"),
             Slot("augment", "augmentation", optional=True,
                  summary="applied to real and fake images (and spatial condition maps) before D"),

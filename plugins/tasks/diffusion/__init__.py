@@ -13,7 +13,9 @@ def register_tasks(register):
     register(
         "diffusion", DiffusionTask, config=DiffusionConfig, needs=("image",),
         slots=(
-            Slot("denoiser", "backbone", summary="the denoising network, forward(x, t, cond)"),
-            Slot("conditioner", "conditioner", default="none", summary="how conditions enter the denoiser"),
+            Slot("denoiser", "backbone", summary="the denoising network, forward(x, t, cond)",
+                 role="denoiser"),
+            Slot("conditioner", "conditioner", default="none", summary="how conditions enter the denoiser",
+                 role="denoiser"),
         ),
     )
