@@ -84,7 +84,8 @@ class HandPoses(torch.utils.data.Dataset):
         self.arrays = read_split(self.root, split)
         self.mean = self.std = None
         if config.standardize:
-            self.mean, self.std = (torch.from_numpy(a) for a in train_statistics(self.root))
+            self._stats = train_statistics(self.root)
+            self.mean, self.std = (torch.from_numpy(a) for a in self._stats)
 
     def __len__(self) -> int:
         return len(self.arrays["left"])
@@ -96,10 +97,12 @@ class HandPoses(torch.utils.data.Dataset):
         sorted_index = index[order]
         gathered[order, :45] = self.arrays["left"][sorted_index]
         gathered[order, 45:] = self.arrays["right"][sorted_index]
-        x = torch.from_numpy(gathered)
         if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return x
+            # In place on the gathered block: the same float32 operations as (x - mean) / std, without
+            # the two temporaries that made standardizing cost ten times the gather.
+            np.subtract(gathered, self._stats[0], out=gathered)
+            np.divide(gathered, self._stats[1], out=gathered)
+        return torch.from_numpy(gathered)
 
     def batch(self, indices) -> torch.Tensor:
         """(B, 90) poses for ``indices`` in one gather."""
