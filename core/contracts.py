@@ -73,6 +73,12 @@ class Backbone(Protocol):
       keyword in ``forward`` for its own random draws in sample grids.
     - ``classifier`` (task ``classifier``): context ``image_size``, ``n_classes``;
       ``forward(x) -> (N, n_classes)`` logits; its last ``nn.Linear`` is the head.
+    - ``pose_transfer`` (task ``pose_transfer``): context ``image_size``, ``conditioner`` (a
+      :class:`PoseTransferSide`); ``forward(reference, reference_maps, target_maps)`` returns the
+      reference's individual in the target pose, (N, 3, H, W) in [-1, 1]. The task's
+      ``discriminator`` is built as for ``gan`` and may return patch logits (N, 1, h, w).
+    - ``perceptual`` (task ``pose_transfer``'s perceptual loss): context ``image_size``;
+      ``feature_maps(x, layers)`` returns the feature maps of images in [-1, 1] at those layers.
     - ``keypoints`` (task ``keypoints``, metric ``pose_fidelity``): context ``image_size``,
       ``num_keypoints``, ``head`` ("regression" or "heatmap"); ``forward(x)`` returns
       ``{"coords": (N, K, 2)}`` in [0, 1] of the image, plus ``"heatmaps"`` (N, K, h, w) logits
@@ -104,7 +110,8 @@ class Conditioner(Protocol):
     ``fields`` are the sample fields it reads (also registered as ``needs``); ``condition(batch)``
     makes the ``cond`` the task passes to both networks (a label tensor, maps made on the device
     from ``batch["keypoints"]``, a tuple, or None). The role's members are in
-    :class:`GeneratorSide`, :class:`DiscriminatorSide` and :class:`DenoiserSide`; a class that declares ``roles`` (a
+    :class:`GeneratorSide`, :class:`DiscriminatorSide`, :class:`DenoiserSide` and
+    :class:`PoseTransferSide`; a class that declares ``roles`` (a
     tuple of role names) needs only those sides' members. Optional: ``spatial = True`` when
     ``cond`` is (N, K, H, W) maps aligned with the image (an augmentation then moves them with
     the image); ``shared_embedding(dim) -> nn.Module | None`` (BigGAN's shared class embedding);
@@ -161,6 +168,23 @@ class DiscriminatorSide(Conditioner, Protocol):
     def merge_input(self, x: torch.Tensor, cond: Any) -> torch.Tensor: ...
 
     def head(self, num_features: int, **options: Any) -> nn.Module: ...
+
+
+@runtime_checkable
+class PoseTransferSide(Conditioner, Protocol):
+    """A pose-transfer generator's conditioner (task ``pose_transfer``): pose maps for the target
+    (``condition(batch)``, from ``keypoints``) and for the reference (the task passes a batch whose
+    ``keypoints`` are the reference's); ``map_channels``, the maps' channel count; and the two ways
+    the generator re-injects the target's maps into its decoder: ``norm(num_features)`` (a layer
+    ``forward(x, maps)``: SPADE in ``spade``) or ``input_channels`` / ``merge_input(x, maps)`` (maps
+    concatenated to a block's input: ``concat``)."""
+
+    map_channels: int
+    input_channels: int
+
+    def norm(self, num_features: int, **options: Any) -> nn.Module: ...
+
+    def merge_input(self, x: torch.Tensor, cond: Any) -> torch.Tensor: ...
 
 
 # -- augmentations ------------------------------------------------------------------------------
@@ -260,8 +284,8 @@ CONTRACTS = {c.kind: c for c in (
     KindContract("backbone", Backbone, roles={"generator": Generator}, module=True),
     KindContract("conditioner", Conditioner,
                  roles={"generator": GeneratorSide, "discriminator": DiscriminatorSide,
-                        "denoiser": DenoiserSide},
-                 opt_in_roles=("denoiser",)),
+                        "denoiser": DenoiserSide, "pose_transfer": PoseTransferSide},
+                 opt_in_roles=("denoiser", "pose_transfer")),
     KindContract("augmentation", ImageAugmentation,
                  signatures={"images": ImageAugmentation, "batch": BatchAugmentation}),
     KindContract("loss", AdversarialLoss, signatures={"adversarial": AdversarialLoss}),

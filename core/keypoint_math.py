@@ -136,3 +136,40 @@ def keypoint_report(pred: torch.Tensor, target: torch.Tensor, visible: torch.Ten
         "auc@30px": auc(errors, visible, max_px=30.0, steps=20),
         "epe_px": epe(errors, visible),
     }
+
+
+# -- hand boxes: the region the hand metrics score and the pose-transfer loss weights --------------
+
+
+def hand_boxes(keypoints: torch.Tensor, height: int, width: int, margin: float = 0.25,
+               min_size: float = 16.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square boxes (N, 4) ``x0, y0, x1, y1`` in pixels around each image's visible keypoints
+    (N, 21, 3; normalised x, y and a visibility): centred on the points' bounding box, its longer
+    side grown by ``margin`` on each side (fingers have width beyond their joints), at least
+    ``min_size`` pixels, and moved (not shrunk) to lie inside the image where it fits. Also (N,)
+    whether the image has any visible point; boxes of those without are all zero."""
+    visible = keypoints[..., 2] > 0
+    has = visible.any(dim=1)
+    big = torch.tensor(float("inf"), dtype=keypoints.dtype, device=keypoints.device)
+    xs, ys = keypoints[..., 0] * width, keypoints[..., 1] * height
+    x_min = torch.where(visible, xs, big).amin(dim=1)
+    x_max = torch.where(visible, xs, -big).amax(dim=1)
+    y_min = torch.where(visible, ys, big).amin(dim=1)
+    y_max = torch.where(visible, ys, -big).amax(dim=1)
+    side = torch.maximum(x_max - x_min, y_max - y_min) * (1 + 2 * margin)
+    side = side.clamp_min(min_size).clamp_max(float(min(height, width)))
+    cx, cy = (x_min + x_max) / 2, (y_min + y_max) / 2
+    x0 = (cx - side / 2).clamp(min=torch.zeros_like(side), max=width - side)
+    y0 = (cy - side / 2).clamp(min=torch.zeros_like(side), max=height - side)
+    boxes = torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+    return torch.where(has[:, None], boxes, torch.zeros_like(boxes)), has
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 1, H, W) float: 1 where a pixel's centre lies in its image's box."""
+    cx = torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5
+    cy = torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5
+    inside_x = (cx[None] >= boxes[:, 0:1]) & (cx[None] < boxes[:, 2:3])
+    inside_y = (cy[None] >= boxes[:, 1:2]) & (cy[None] < boxes[:, 3:4])
+    return (inside_y[:, :, None] & inside_x[:, None, :]).unsqueeze(1).to(boxes.dtype)
+

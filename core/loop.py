@@ -113,10 +113,13 @@ def _save_samples(run, fixed_batch, step: int) -> None:
         return
     names = run.class_names
     labels = fixed_batch.get("label")
-    captions = [names[i] for i in labels[: len(out["image"])].tolist()] if names and labels is not None else None
+    nrow = out.get("nrow")  # a task that lays out several cells per sample (pose transfer) sets its row width
+    captions = out.get("captions")
+    if captions is None and nrow is None and names and labels is not None:
+        captions = [names[i] for i in labels[: len(out["image"])].tolist()]
     keypoints = out.get("keypoints")
     save_grid(run_path(run.run_dir, "samples", f"step_{step:08d}.png"), out["image"].float().cpu(),
-              keypoints=None if keypoints is None else keypoints.cpu(), captions=captions)
+              keypoints=None if keypoints is None else keypoints.cpu(), captions=captions, nrow=nrow)
 
 
 class Trainer:

@@ -57,8 +57,10 @@ class Task:
         raise NotImplementedError
 
     def sample(self, batch: dict) -> dict | None:
-        """Images for a sample grid, ``{"image": (N,3,H,W) in [-1,1], "keypoints"?: (N,21,3)}``,
-        produced for the conditions in ``batch``; None when the task makes no images. Called on
+        """Images for a sample grid, ``{"image": (N,3,H,W) in [-1,1], "keypoints"?: (N,21,3),
+        "nrow"?: cells per grid row, "captions"?: N strings}``, produced for the conditions in
+        ``batch`` (without captions or nrow, cells are captioned with the batch's class names); None
+        when the task makes no images. Called on
         the main process only, so it must not use collectives (run unwrapped modules)."""
         return None
 

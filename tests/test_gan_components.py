@@ -248,7 +248,7 @@ def test_modules_register_like_plugins():
     assert host.registry("backbone").get("deep_conv").config_cls is DeepConvConfig
     assert host.registry("conditioner").names() == ["cbn", "none", "projection"]
     assert host.registry("conditioner").get("cbn").fields_needed(None) == {"label"}
-    assert host.registry("loss").names() == ["hinge", "logistic", "nonsaturating", "wgan_gp"]
+    assert host.registry("loss").names() == ["hinge", "logistic", "lsgan", "nonsaturating", "wgan_gp"]
     task = host.registry("task").get("gan")
     assert task.fields_needed(None) == {"image"}
     assert [s.name for s in task.info["slots"]] == [

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from handforge.plugins.metrics.paired_math import (box_masks, hand_boxes, laplacian_variance, paired_scores, psnr,
+from handforge.keypoint_math import box_masks, hand_boxes
+from handforge.plugins.metrics.paired_math import (laplacian_variance, paired_scores, psnr,
                                                    ssim)
 
 skimage_metrics = pytest.importorskip("skimage.metrics")

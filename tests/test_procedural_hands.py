@@ -223,7 +223,11 @@ def test_reference_shows_the_same_individual_in_another_pose():
     for key in ("identity", "handedness", "skin", "hand_length", "finger_scale", "palm_scale", "bg_kind", "sleeve"):
         assert torch.equal(ref[key], params[key]), key
     assert not torch.equal(ref["angles"], params["angles"]) and not torch.equal(ref["roll"], params["roll"])
-    assert torch.equal(out["reference"], ds.render(ref)["image"])
+    rendered = ds.render(ref)
+    assert torch.equal(out["reference"], rendered["image"])
+    # the reference's own keypoints: where its hand is drawn, not the target's
+    assert torch.equal(out["reference_keypoints"], rendered["keypoints"])
+    assert (out["reference_keypoints"] - out["keypoints"]).abs().amax() > 0.01
     assert (out["reference"] - out["image"]).abs().mean() > 0.01
     assert "reference" not in make(size=48).__getitems__([0])
 

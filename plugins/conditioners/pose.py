@@ -115,7 +115,7 @@ class _PoseConditioner(Conditioner):
 class SpadeConditioner(_PoseConditioner):
     """SPADE generator norms (Park et al. 2019) modulated per pixel by keypoint heatmaps / limb maps."""
 
-    name, roles, config_cls = "spade", ("generator",), SpadeConfig
+    name, roles, config_cls = "spade", ("generator", "pose_transfer"), SpadeConfig
 
     def norm(self, num_features: int) -> nn.Module:
         return Spade(num_features, self.map_channels, self.config.hidden, self.config.kernel)
@@ -124,7 +124,7 @@ class SpadeConditioner(_PoseConditioner):
 class ConcatConditioner(_PoseConditioner):
     """Keypoint heatmaps / limb maps concatenated to the discriminator's input image."""
 
-    name, roles = "concat", ("discriminator", "denoiser")
+    name, roles = "concat", ("discriminator", "denoiser", "pose_transfer")
 
     def drop(self, cond, mask):
         # The null pose: all-zero maps on the dropped rows (classifier-free guidance).

@@ -1,7 +1,8 @@
-"""Adversarial losses: hinge, non-saturating (with optional lazy R1), logistic, WGAN-GP.
+"""Adversarial losses: hinge, non-saturating (with optional lazy R1), logistic, WGAN-GP, least squares.
 
 Each follows :class:`handforge.contracts.AdversarialLoss`: ``d_loss(real_logits, fake_logits)``
-and ``g_loss(fake_logits)`` on the discriminator's raw logits (N,), and optionally
+and ``g_loss(fake_logits)`` on the discriminator's raw logits (N,) (or patch logits (N, 1, h, w):
+every term is a mean), and optionally
 ``d_penalty(D, real, fake, cond, step) -> tensor | None`` with ``step = iteration * d_steps + i``
 (None: nothing this step, a lazy regulariser off its interval or the penalty turned off).
 
@@ -133,9 +134,27 @@ class WganGp:
         return self.config.gp_lambda * gradient_penalty(D, real, fake, cond)
 
 
+class LeastSquares:
+    """Least-squares GAN (Mao et al. 2017, targets a = 0, b = c = 1; pix2pixHD, CycleGAN):
+
+    d_loss = mean((D(x) - 1)^2) / 2 + mean(D(G(z))^2) / 2
+    g_loss = mean((D(G(z)) - 1)^2) / 2
+    """
+
+    def __init__(self, config=None, **_):
+        pass
+
+    def d_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (real_logits - 1).square().mean() + 0.5 * fake_logits.square().mean()
+
+    def g_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (fake_logits - 1).square().mean()
+
+
 @hookimpl
 def register_losses(register):
     register("hinge", Hinge)
+    register("lsgan", LeastSquares)
     register("nonsaturating", NonSaturating, config=NonSaturatingConfig)
     register("logistic", Logistic, config=LogisticConfig)
     register("wgan_gp", WganGp, config=WganGpConfig)

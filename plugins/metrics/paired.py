@@ -7,7 +7,7 @@ come from the inputs' ``paired(fn, key)``: in a run, the run dataset's samples 0
 two folders whose files are matched by name, or a run directory's val split against its generations.
 
 The hand metrics score the box around the target's visible keypoints
-(:func:`.paired_math.hand_boxes`); images without a scorable hand are left out and counted
+(:func:`handforge.keypoint_math.hand_boxes`); images without a scorable hand are left out and counted
 (``hand_images``: how many were scored). Per-image PSNR is +inf for identical images (or hands):
 the reported mean is taken over the finite values and ``psnr_identical`` / ``hand_psnr_identical``
 count the others, so one perfect image neither hides the rest nor makes the mean infinite.

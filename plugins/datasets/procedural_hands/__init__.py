@@ -60,7 +60,8 @@ class ProceduralHandsConfig:
         default="mixed", validator=in_(BACKGROUNDS))
     # hand length (wrist to middle fingertip) over the image side, drawn between these two
     hand_size: list[float] = attrs.field(factory=lambda: [0.3, 0.5], validator=_size_range)
-    reference: bool = False  # also render `reference`: the same individual in another pose and view
+    # also render `reference` (with its `reference_keypoints`): the same individual in another pose and view
+    reference: bool = False
     # "gestures": each class's handshape in its view; "palm": one class, the open hand with the palm
     # to the camera, centred, with the individual's palm creases (`classes` is then not used)
     view: Literal["gestures", "palm"] = attrs.field(default="gestures", validator=in_(VIEWS))
@@ -112,7 +113,8 @@ class ProceduralHands(torch.utils.data.Dataset):
         params = self.sample_params(indices)
         out = self.render(params)
         if self.config.reference:
-            out["reference"] = self.render(self.reference_params(params))["image"]
+            reference = self.render(self.reference_params(params))
+            out["reference"], out["reference_keypoints"] = reference["image"], reference["keypoints"]
         return out
 
     # -- parameters ----------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def provides(config: ProceduralHandsConfig) -> tuple:
     fields = ("image", "label", "keypoints", "joints3d", "hand_pose", "handedness", "identity")
     if config.poses_file:
         fields = tuple(f for f in fields if f != "label")
-    return fields + ("reference",) if config.reference else fields
+    return fields + ("reference", "reference_keypoints") if config.reference else fields
 
 
 @hookimpl

@@ -28,6 +28,8 @@ def batch_size(batch: dict) -> int:
 
 
 class DiffusionTask(Task):
+    """DDPM training of a (conditional) denoiser; DDPM, DDIM or DPM-Solver sampling, with guidance."""
+
     config_cls = DiffusionConfig
 
     def setup(self, run):
