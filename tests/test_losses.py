@@ -206,8 +206,8 @@ def test_losses_register_with_their_configs():
     host = PluginHost()
     host._add(adversarial, PluginInfo(adversarial.__name__, "builtin", "handforge", "0"), fatal=True)
     registry = host.registry("loss")
-    assert registry.names() == ["hinge", "logistic", "nonsaturating", "wgan_gp"]
+    assert registry.names() == ["hinge", "logistic", "lsgan", "nonsaturating", "wgan_gp"]
     assert [registry.get(n).config_cls for n in registry.names()] == [
-        None, LogisticConfig, NonSaturatingConfig, WganGpConfig]
+        None, LogisticConfig, None, NonSaturatingConfig, WganGpConfig]
     assert all(entry.summary for entry in registry)
     assert registry.get("logistic").factory(None).config.r1_gamma == 10.0

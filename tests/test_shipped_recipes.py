@@ -12,7 +12,9 @@ RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 
 # Recipes for data the user brings; each runs end to end on a fixture tree in the test named here.
 USER_DATA = {"keypoints_freihand": "tests/test_freihand.py::test_the_shipped_freihand_recipe_trains_on_a_prepared_tree",
-             "hand_prior": "tests/test_pose_prior.py::test_the_shipped_hand_prior_recipe_trains_on_a_prepared_mocap_tree"}
+             "hand_prior": "tests/test_pose_prior.py::test_the_shipped_hand_prior_recipe_trains_on_a_prepared_mocap_tree",
+             **{f"pose_transfer_{layout}": "tests/test_pose_transfer.py::test_the_tar_recipes_validate_and_run_two_steps_on_fixtures"
+                for layout in ("synthsl", "bosphorus")}}
 
 # Datasets that need no files: a recipe on them runs as shipped.
 BUILT_IN_DATA = ("procedural_hands", "handshape_poses")

@@ -117,7 +117,7 @@ def test_spade_is_refused_on_the_denoiser_side():
 
 @pytest.mark.parametrize("slot,table,message", [
     ("denoiser", {"name": "deep_conv"}, "model.denoiser: backbone 'deep_conv' serves the generator and discriminator"),
-    ("conditioner", {"name": "spade"}, "model.conditioner: conditioner 'spade' serves the generator role"),
+    ("conditioner", {"name": "spade"}, "model.conditioner: conditioner 'spade' serves the generator and pose_transfer roles, not the denoiser"),
 ])
 def test_validate_rejects_gan_parts_in_diffusion(tmp_path, slot, table, message):
     raw = {"name": "r", "output_dir": str(tmp_path / "runs"), "task": {"name": "diffusion"},
