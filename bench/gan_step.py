@@ -250,7 +250,7 @@ def peer_comparison(args):
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     batch = make_batch(size, batch_size)
     runners = {"ours": lambda i: task.train_step(batch, i), "studiogan": lambda i: peer.step(batch, i)}
-    result = {"batch": batch_size, "repeats": args.repeats, "studiogan_src": peer.sg.src, "stubbed": peer.sg.stubbed,
+    result = {"batch": batch_size, "repeats": args.repeats, "threads": torch.get_num_threads(), "studiogan_src": peer.sg.src, "stubbed": peer.sg.stubbed,
               "studiogan_settings": peer.settings(),
               "params": {"ours": {"generator": count(ours_modules["generator"]),
                                   "discriminator": count(ours_modules["discriminator"])},
@@ -288,7 +288,8 @@ def peer_report(peer):
     p, t, q = peer["params"], peer["times_ms"], QUOTED
     fmt = lambda ms: f"{ms:.0f}"  # noqa: E731
     lines = [f"Same run, alternating, {peer['repeats']} rounds (order swapped each round; one warm-up each first): "
-             f"big_resnet at 64 px, batch {peer['batch']}, 10 classes", "",
+             f"big_resnet at 64 px, batch {peer['batch']}, 10 classes, {peer['threads']} threads, "
+             f"torch {torch.__version__}", "",
              "| implementation | G params | D params | ms/iter median | ms/iter min-max | img/s | ours / StudioGAN |",
              "|---|---|---|---|---|---|---|"]
     for name, label in (("ours", "handforge big_resnet (`GanTask.train_step`, channels_last)"),
