@@ -1,12 +1,38 @@
-"""Cost of one `gan` iteration (one D step + one G step) per backbone, against StudioGAN, as a table.
+"""Cost of one `gan` iteration (one D step + one G step) per backbone, against StudioGAN, as tables.
 
     python bench/gan_step.py [--size 64] [--batch 32 64] [--steps 10] [--budget 5] [--threads 2]
                              [--backbones deep_conv resnet big_resnet stylegan2]
                              [--conditioning labels] [--baselines big_resnet] [--baseline-batch 32]
+                             [--studiogan-src PATH] [--repeats 5] [--peer-batch 32] [--profile]
                              [--json]
 
-Every row is the real task: ``GanTask.train_step`` of a task built as a recipe would build it
-(hinge loss, Adam, EMA generator, 10 classes), on a fixed random batch. Backbones:
+    # StudioGAN's own big_resnet beside ours in the same run, and the profile, without the
+    # per-backbone table (PATH: a PyTorch-StudioGAN checkout, e.g. `git archive HEAD src | tar -x`):
+    python bench/gan_step.py --backbones --studiogan-src PATH --repeats 5 --profile
+
+Same-run peer (``--studiogan-src PATH``; bench/_studiogan_peer.py): StudioGAN's own
+``src/models/big_resnet.py`` Generator and Discriminator, imported at run time from the checkout
+(stand-in modules only for its imports that are not installed and that the iteration never uses),
+built from its ``Configurations`` of ``configs/Baby_ImageNet/BigGAN.yaml`` (its 64 px BigGAN:
+cBN in G, projection "PD" in D, spectral norm on both, attention at 32 px, hinge, Adam (0, 0.999))
+at ch 64, z_dim 80, shared_dim 128 and 10 classes: G 11,231,108 / D 19,558,082 parameters
+(checked, printed). Its iteration is ``train_discriminator`` + ``train_generator`` of its worker for
+that config, with its own functions (toggle_grad, generate_images twice: fresh fakes for each step,
+d_hinge / g_hinge, its Adam, its Ema), NCHW, torch's old-style ``spectral_norm``. Ours is
+``GanTask.train_step`` of big_resnet with ``cbn + projection`` at the same batch (``--peer-batch``).
+After one untimed warm-up each, ``--repeats`` rounds time one iteration of each, the order swapped
+every round; medians, img/s, and the ratio ours / StudioGAN from this run. The goal (issue 14):
+ours >= 1.5x StudioGAN's img/s in the same run. The 2.4 img/s quoted in the issue stays as a
+history row only.
+
+``--profile``: one iteration of our big_resnet task (after a warm-up) under ``torch.profiler``
+(CPU): self time by category (conv, spectral norm, attention, BatchNorm, linear, layout
+conversions, optimizer step, other; forward and backward apart, backward ops charged to their
+forward op's category) and the top ops (bench/_step_profile.py).
+
+Per-backbone table: every row is the real task: ``GanTask.train_step`` of a task built as a
+recipe would build it (hinge loss, Adam, EMA generator, 10 classes), on a fixed random batch.
+Backbones:
 
 - deep_conv, resnet: their default configs;
 - big_resnet: StudioGAN's 64 px settings (ch 64, z_dim 80, shared_dim 128, attention at 32,
@@ -38,9 +64,9 @@ from the same seed, so with the same initial weights, batch and noise:
   Accelerate, G frozen for the D step, the fakes generated a second time for the G step,
   parameter-by-parameter EMA. "ratio vs baseline" is a row's img/s over this loop's.
 
-Reference: StudioGAN's own big_resnet (G 11.2M, D 19.6M) at 64 px, batch 32, 2 cores: ~13 s per
-iteration, 2.4 img/s, as the issue quotes it (StudioGAN is not installable here: not re-run).
-Goal: >= 1.5x that, i.e. >= 3.6 img/s at batch 32 with the same parameter counts.
+History: StudioGAN's own big_resnet (G 11.2M, D 19.6M) at 64 px, batch 32, 2 cores: ~13 s per
+iteration, 2.4 img/s, as the issue quotes it from another run; printed as history only, the
+comparison that counts is the same-run one above (``--studiogan-src``).
 The first iteration's losses of our task and of both baselines are printed side by side: those of
 the D step (before any update) agree to float tolerance (~1e-5); g_loss, after D's first Adam step,
 to ~1e-4 relative (see the note printed with them).
@@ -68,14 +94,18 @@ from handforge.task import RunContext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _flops import count_flops, matmul_rate  # noqa: E402
+from _step_profile import markdown as profile_markdown, profile_step  # noqa: E402
 from _studiogan_style import StudioGanLoop, force_nchw, layout_census  # noqa: E402
 
 N_CLASSES = 10
 STUDIOGAN_64 = {"ch": 64, "z_dim": 80, "shared_dim": 128, "attention_resolution": 32}  # big_resnet at 64 px
 STUDIOGAN_PARAMS = {"generator": 11_231_108, "discriminator": 19_558_082}  # StudioGAN's counts, 10 classes
 QUOTED = {"backbone": "big_resnet", "conditioning": "cbn + projection", "batch": 32, "ms_median": 13_000.0,
-          "img_s": 2.4, "g_params": "11.2M", "d_params": "19.6M", "threads": 2}  # from the issue: quoted, not re-run
-GOAL_RATIO = 1.5  # ours over the quoted StudioGAN img/s
+          "img_s": 2.4, "g_params": "11.2M", "d_params": "19.6M", "threads": 2}  # history: the issue's, another run
+GOAL_RATIO = 1.5  # ours over StudioGAN's img/s, same run (--studiogan-src); without it, over the quoted figure
+# StudioGAN's Baby_ImageNet/BigGAN.yaml (64 px: ch 80, z_dim 100, 100 classes) at the widths of the quoted run:
+STUDIOGAN_OVERRIDES = {"g_conv_dim": STUDIOGAN_64["ch"], "d_conv_dim": STUDIOGAN_64["ch"],
+                       "z_dim": STUDIOGAN_64["z_dim"], "g_shared_dim": STUDIOGAN_64["shared_dim"]}
 
 CONDITIONING = {
     "none": (NoCondition, NoCondition),
@@ -202,6 +232,108 @@ def run_all(args, peak):
     return rows, notes
 
 
+def peer_comparison(args):
+    """Our big_resnet iteration and StudioGAN's own, alternating in this process: a dict of the numbers.
+
+    Both are built, each runs one untimed warm-up iteration, then ``--repeats`` rounds, each
+    timing one iteration of both, the order swapped every round (ours first in even rounds), so
+    that slow drifts of a shared machine fall on both. Medians over the rounds.
+    """
+    import _studiogan_peer  # noqa: E402  (imports StudioGAN from --studiogan-src only when asked)
+    size, batch_size = args.size, args.peer_batch
+    if size != 64:
+        raise SystemExit("--studiogan-src: the comparison is at StudioGAN's 64 px config; use --size 64")
+    factory, config_cls = backbone_entry("big_resnet")
+    task = make_task(size, "big_resnet", factory, backbone_config("big_resnet", config_cls), QUOTED["conditioning"])
+    ours_modules = task.export_modules()
+    peer = _studiogan_peer.StudioGan(args.studiogan_src, batch_size, N_CLASSES, STUDIOGAN_OVERRIDES)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    batch = make_batch(size, batch_size)
+    runners = {"ours": lambda i: task.train_step(batch, i), "studiogan": lambda i: peer.step(batch, i)}
+    result = {"batch": batch_size, "repeats": args.repeats, "threads": torch.get_num_threads(), "studiogan_src": peer.sg.src, "stubbed": peer.sg.stubbed,
+              "studiogan_settings": peer.settings(),
+              "params": {"ours": {"generator": count(ours_modules["generator"]),
+                                  "discriminator": count(ours_modules["discriminator"])},
+                         "studiogan": {"generator": count(peer.G), "discriminator": count(peer.D)}},
+              "times_ms": {"ours": [], "studiogan": []}, "load_avg": {"start": os.getloadavg()}}
+    result["params_as_expected"] = {k: v == STUDIOGAN_PARAMS for k, v in result["params"].items()}
+    warm = {}
+    for name, run in runners.items():
+        print(f"... same-run comparison: {name} warm-up", file=sys.stderr, flush=True)
+        torch.manual_seed(1)
+        start = time.perf_counter()
+        logs = run(0)
+        warm[name] = (time.perf_counter() - start) * 1000
+        result.setdefault("first_losses", {})[name] = {k: float(logs[k]) for k in LOSS_KEYS}
+    result["warmup_ms"] = warm
+    for r in range(args.repeats):
+        for name in (("ours", "studiogan") if r % 2 == 0 else ("studiogan", "ours")):
+            print(f"... same-run comparison: round {r + 1}/{args.repeats}, {name}", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            runners[name](r + 1)
+            result["times_ms"][name].append((time.perf_counter() - start) * 1000)
+    result["load_avg"]["end"] = os.getloadavg()
+    for name, times in result["times_ms"].items():
+        result.setdefault("ms_median", {})[name] = statistics.median(times)
+        result.setdefault("img_s", {})[name] = batch_size / statistics.median(times) * 1000
+    result["ratio"] = result["img_s"]["ours"] / result["img_s"]["studiogan"]
+    # per round, ours over StudioGAN (their iterations side by side): the spread of the ratio
+    per_round = [s / o for o, s in zip(result["times_ms"]["ours"], result["times_ms"]["studiogan"])]
+    result["ratio_per_round"] = per_round
+    result["goal_met"] = all(result["params_as_expected"].values()) and result["ratio"] >= GOAL_RATIO
+    return result
+
+
+def peer_report(peer):
+    p, t, q = peer["params"], peer["times_ms"], QUOTED
+    fmt = lambda ms: f"{ms:.0f}"  # noqa: E731
+    lines = [f"Same run, alternating, {peer['repeats']} rounds (order swapped each round; one warm-up each first): "
+             f"big_resnet at 64 px, batch {peer['batch']}, 10 classes, {peer['threads']} threads, "
+             f"torch {torch.__version__}", "",
+             "| implementation | G params | D params | ms/iter median | ms/iter min-max | img/s | ours / StudioGAN |",
+             "|---|---|---|---|---|---|---|"]
+    for name, label in (("ours", "handforge big_resnet (`GanTask.train_step`, channels_last)"),
+                        ("studiogan", "StudioGAN big_resnet (its own code from --studiogan-src, worker's D + G step)")):
+        ratio = f"{peer['ratio']:.2f}x" if name == "ours" else "1.00x"
+        lines.append(f"| {label} | {p[name]['generator']:,} | {p[name]['discriminator']:,} "
+                     f"| {fmt(peer['ms_median'][name])} | {fmt(min(t[name]))}-{fmt(max(t[name]))} "
+                     f"| {peer['img_s'][name]:.2f} | {ratio} |")
+    lines.append(f"| history: StudioGAN as quoted in the issue (another run, another time; not comparable) "
+                 f"| {q['g_params']} | {q['d_params']} | ~{q['ms_median']:.0f} | — | {q['img_s']} | — |")
+    ok = peer["params_as_expected"]
+    lines += ["", f"Parameter counts vs StudioGAN's expected G {STUDIOGAN_PARAMS['generator']:,} / "
+              f"D {STUDIOGAN_PARAMS['discriminator']:,}: StudioGAN's models {'match' if ok['studiogan'] else 'DIFFER'}, "
+              f"ours {'match' if ok['ours'] else 'DIFFER'}.",
+              "Per-round ratios (StudioGAN ms / ours ms): " + ", ".join(f"{r:.2f}" for r in peer["ratio_per_round"])
+              + f"; warm-ups (untimed): ours {peer['warmup_ms']['ours']:.0f} ms, StudioGAN "
+              f"{peer['warmup_ms']['studiogan']:.0f} ms; load average (1/5/15 min) at start "
+              + "/".join(f"{x:.1f}" for x in peer["load_avg"]["start"]) + ", at end "
+              + "/".join(f"{x:.1f}" for x in peer["load_avg"]["end"]) + ".",
+              f"Goal ours >= {GOAL_RATIO}x StudioGAN's img/s in the same run: "
+              f"{'met' if peer['goal_met'] else 'NOT met'} ({peer['ratio']:.2f}x).",
+              "", "StudioGAN settings (its Configurations from " + peer["studiogan_settings"]["config"]
+              + ", overridden to the quoted run's widths): "
+              + ", ".join(f"{k} {v}" for k, v in peer["studiogan_settings"].items() if k != "config")
+              + f". Checkout: {peer['studiogan_src']}; stand-in modules for its unused imports: "
+              + (", ".join(peer["stubbed"]) or "none") + ".",
+              "Iterations differ in noise and labels (StudioGAN draws fresh z and random labels for each of its "
+              "two G forwards; our task reuses the D step's fakes for the G step), so first losses are not compared; "
+              "the work per iteration is the same networks on the same batch, plus StudioGAN's second G forward."]
+    return "\n".join(lines)
+
+
+def profile_ours(args):
+    """One profiled iteration of our big_resnet task (after a warm-up): the category and op tables."""
+    factory, config_cls = backbone_entry("big_resnet")
+    task = make_task(args.size, "big_resnet", factory, backbone_config("big_resnet", config_cls), QUOTED["conditioning"])
+    batch = make_batch(args.size, args.peer_batch)
+    modules = task.export_modules()
+    print("... profile: warm-up", file=sys.stderr, flush=True)
+    task.train_step(batch, 0)
+    print("... profile: profiled iteration", file=sys.stderr, flush=True)
+    return profile_step(lambda: task.train_step(batch, 1), [modules["generator"], modules["discriminator"]])
+
+
 def summary(rows):
     """The StudioGAN comparison (big_resnet at the quoted batch) and the first-iteration loss check."""
     pick = lambda execution: next((r for r in rows if r["backbone"] == QUOTED["backbone"]  # noqa: E731
@@ -241,20 +373,21 @@ def report(rows, notes, result, mm, args):
                      f"| {r['gflop_iter']:.1f} | {r['ms_median']:.0f} ({len(r['times_ms'])} it) | {r['img_s']:.2f} "
                      f"| {r['gflops_achieved']:.1f} | {100 * r['peak_fraction']:.1f}% | {ratio} |")
     q = QUOTED
-    lines.append(f"| {q['backbone']} (StudioGAN, quoted) | {q['conditioning']} | {q['batch']} | {q['g_params']} "
+    lines.append(f"| {q['backbone']} (history: StudioGAN as quoted in the issue, another run) | {q['conditioning']} "
+                 f"| {q['batch']} | {q['g_params']} "
                  f"| {q['d_params']} | — | ~{q['ms_median']:.0f} | {q['img_s']} | — | — | — |")
-    lines += ["", "StudioGAN row: quoted from the issue (StudioGAN's own code, 2 cores), not re-run here. "
-              "Baseline rows: our modules in NCHW (bench/_studiogan_style.py); ratio = img/s over the "
-              "StudioGAN-style loop's."]
+    lines += ["", "History row: StudioGAN's own code as quoted in the issue (2 cores, another run; re-run it in "
+              "this run with --studiogan-src). Baseline rows: our modules in NCHW (bench/_studiogan_style.py); "
+              "ratio = img/s over the StudioGAN-style loop's."]
     goal = result.get("goal")
     if goal:
         lines += ["", f"big_resnet, batch {q['batch']}: ours {goal['ours_img_s']:.2f} img/s = "
-                  f"{goal['ours_over_quoted']:.2f}x StudioGAN's quoted {q['img_s']} img/s"
+                  f"{goal['ours_over_quoted']:.2f}x StudioGAN's quoted {q['img_s']} img/s (history, another run)"
                   + "".join(f"; {goal[k]:.2f}x the {n}" for k, n in (("ours_over_nchw_task", "NCHW task"),
                             ("ours_over_studiogan_style_loop", "StudioGAN-style loop")) if k in goal) + ".",
-                  f"Goal >= {GOAL_RATIO}x StudioGAN (>= {goal['target_img_s']:.1f} img/s) with StudioGAN's parameter "
-                  f"counts ({'same' if goal['same_params'] else 'DIFFERENT'}): "
-                  f"{'met' if goal['met'] else 'NOT met'} on this run."]
+                  f"Against the quoted figure only (history; the same-run ratio is --studiogan-src's): >= "
+                  f"{GOAL_RATIO}x it (>= {goal['target_img_s']:.1f} img/s) with StudioGAN's parameter counts "
+                  f"({'same' if goal['same_params'] else 'DIFFERENT'}): {'met' if goal['met'] else 'NOT met'}."]
         lines += ["", "First iteration, same seed, same weights, batch and noise:", "",
                   "| execution | d_loss | d_real | d_fake | max abs diff vs ours | g_loss | abs diff vs ours |",
                   "|---|---|---|---|---|---|---|"]
@@ -282,27 +415,53 @@ def main():
     parser.add_argument("--budget", type=float, default=5.0,
                         help=f"seconds of timed iterations per row, then stop (at least {MIN_STEPS} iterations)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=list(BACKBONES))
+    parser.add_argument("--backbones", nargs="*", choices=list(BACKBONES), default=list(BACKBONES),
+                        help="backbones of the per-backbone table (none: no table, e.g. with --studiogan-src)")
     parser.add_argument("--conditioning", nargs="+", choices=["none", "labels"], default=["labels"],
                         help="unconditional and/or class-conditional variants (see above; default: labels)")
     parser.add_argument("--baselines", nargs="*", choices=list(BACKBONES), default=["big_resnet"],
                         help="backbones also run as the NCHW task and the StudioGAN-style loop")
     parser.add_argument("--baseline-batch", type=int, nargs="*", default=[QUOTED["batch"]])
+    parser.add_argument("--studiogan-src", metavar="PATH",
+                        help="a PyTorch-StudioGAN checkout (or its src/): run its own big_resnet beside ours, same run")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="--studiogan-src: alternating rounds (one timed iteration of each per round)")
+    parser.add_argument("--peer-batch", type=int, default=QUOTED["batch"],
+                        help="batch of the --studiogan-src comparison and of --profile")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one iteration of our big_resnet task (torch.profiler, CPU): where the time goes")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args()
     if args.steps < MIN_STEPS:
         parser.error(f"--steps must be >= {MIN_STEPS}")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     torch.set_num_threads(args.threads)
 
     mm = matmul_rate(args.threads)
+    peer = peer_comparison(args) if args.studiogan_src else None
+    prof = profile_ours(args) if args.profile else None
     rows, notes = run_all(args, mm["gflops_best"])
     result = summary(rows)
     if args.json:
         print(json.dumps({"size": args.size, "threads": args.threads, "torch": torch.__version__, "matmul": mm,
                           "rows": rows, "reference": QUOTED, "studiogan_params": STUDIOGAN_PARAMS, **result,
-                          "notes": notes}, indent=1))
+                          "same_run_studiogan": peer, "profile": prof, "notes": notes}, indent=1))
     else:
-        print(report(rows, notes, result, mm, args))
+        parts = []
+        if peer is not None:
+            parts.append(peer_report(peer))
+        if prof is not None:
+            parts.append(profile_markdown(prof, f"Profile: one iteration of our big_resnet task (batch {args.peer_batch}, "
+                                          f"torch.profiler, CPU, self time; bench/_step_profile.py says how ops are "
+                                          f"put in categories)"))
+        if rows or not parts:
+            parts.append(report(rows, notes, result, mm, args))
+        else:
+            parts[0] = (f"{args.size} px, {args.threads} threads, torch {torch.__version__}; fp32 matmul peak "
+                        f"{mm['gflops_best']:.0f} GFLOP/s (best of {mm['reps']}; median {mm['gflops_median']:.0f})\n\n"
+                        + parts[0])
+        print("\n\n".join(parts))
 
 
 if __name__ == "__main__":
