@@ -11,14 +11,15 @@ network alone on the same (x - 128) / 128 tensors:
 - ours: ``load_network()`` (batch norm folded, stacked 1x1 convolutions, channels_last) under
   ``torch.inference_mode``, one warm-up call first.
 
-Each figure is the best of `repeats` passes over all images (on a shared machine the best pass
-is the least disturbed); the two sides alternate pass by pass. "max |diff|" compares the
+Each figure is the median of `repeats` passes over all images (at least 5 by default; the
+median resists the odd disturbed pass on a shared machine); the two sides alternate pass by pass. "max |diff|" compares the
 features of all images. GFLOP/s counts 2 x multiply-adds of the convolutions (11.4 GFLOP per
 image); the fp32 matmul rate on the same threads (bench/_flops.py) is printed beside it, as the
 bound a network of convolutions can reach. The resize table gives milliseconds per image of
 each resize mode from S px to 299 px. bench/metrics.py prints the load average
 before and after: compare runs only when it is low.
 """
+import statistics
 import time
 import warnings
 
@@ -26,7 +27,17 @@ import torch
 
 from handforge.plugins.metrics import inception
 from handforge.plugins.metrics.weight_files import INCEPTION_FID
+from handforge.errors import HandforgeError
 from handforge.weights import locate
+
+
+def missing_weights() -> str | None:
+    """Why the Inception rows cannot run (the weight file is absent or wrong), or None."""
+    try:
+        locate(INCEPTION_FID)
+    except HandforgeError as error:
+        return str(error)
+    return None
 
 
 GFLOP_PER_IMAGE = 11.42  # 2 x multiply-adds of all convolutions at 299 px (measured with FlopCounterMode)
@@ -45,7 +56,7 @@ def _timed_pass(fn, x: torch.Tensor, batch: int) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, features
 
 
-def rows(n_images: int = 32, batch_sizes=(8, 16, 32), repeats: int = 2) -> list[dict]:
+def rows(n_images: int = 32, batch_sizes=(8, 16, 32), repeats: int = 5) -> list[dict]:
     """One row per batch size: images/s of the TorchScript loop and of ours, ratio, max |diff|."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -72,7 +83,7 @@ def rows(n_images: int = 32, batch_sizes=(8, 16, 32), repeats: int = 2) -> list[
             times["torchscript"].append(t)
             t, ours = _timed_pass(run_ours, x, batch)
             times["ours"].append(t)
-        rate = {k: n_images / min(v) for k, v in times.items()}
+        rate = {k: n_images / statistics.median(v) for k, v in times.items()}
         out.append({"batch": batch, "images": n_images, "torchscript_img_s": rate["torchscript"],
                     "ours_img_s": rate["ours"], "ratio": rate["ours"] / rate["torchscript"],
                     "ours_gflop_s": rate["ours"] * GFLOP_PER_IMAGE,
@@ -106,7 +117,7 @@ def print_tables(network_rows: list[dict], size_rows: list[dict], matmul_gflop_s
               f"| {r['ours_gflop_s']:.0f} | {r['max_abs_diff']:.1e} |")
     best_theirs = max(r["torchscript_img_s"] for r in network_rows)
     best_ours = max(r["ours_img_s"] for r in network_rows)
-    print(f"\nbest of each: ours {best_ours:.2f} img/s, TorchScript {best_theirs:.2f} img/s "
+    print(f"\nbest batch size of each (medians): ours {best_ours:.2f} img/s, TorchScript {best_theirs:.2f} img/s "
           f"({best_ours / best_theirs:.2f}x); goal >= 2x, max abs diff < 1e-4")
     print("\n| input px | clean resize ms/img | legacy resize ms/img |")
     print("|---:|---:|---:|")
