@@ -1,3 +1,3 @@
-from handforge.cli import main
+from handforge.entry import main
 
 main()

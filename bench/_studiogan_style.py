@@ -16,15 +16,13 @@ Nothing in plugins/ is changed: the modules of a built ``gan`` task are converte
 
     - D step: G's parameters frozen (StudioGAN's ``toggle_grad``), fakes generated without a
       graph into G; D on real and on fake; D loss; backward; Adam step.
-    - G step: D frozen, the fakes generated again (a second G forward, which our task saves by
-      keeping the D step's graph); D on them; G loss; backward; Adam step.
+    - G step: D frozen, new noise and the fakes generated again (a second G forward, as in our
+      task's default iteration; ``reuse_fakes`` saves it); D on them; G loss; backward; Adam step.
     - EMA generator updated parameter by parameter (StudioGAN's ``Ema.update``), buffers copied.
 
-    Two departures keep the math comparable with our task, at the same cost: the G step reuses
-    the D step's z and the fakes take the real batch's labels (StudioGAN draws fresh z and
-    random labels). The second G forward adds one spectral-norm power iteration to G; at
-    orthogonal initialisation every singular value is 1, so the first iteration's losses still
-    match ours to float tolerance.
+    One departure keeps the math comparable with our task, at the same cost: the fakes take the
+    real batch's labels (StudioGAN draws random labels). Noise is drawn in our task's order (the
+    D step's, then the G step's), so the first iteration's losses match ours to float tolerance.
 """
 import torch
 import torch.nn as nn
@@ -99,7 +97,7 @@ class StudioGanLoop:
 
         G.requires_grad_(True)
         D.requires_grad_(False)
-        fake_logits_g, fake_aux = split_output(D(G(z, g_cond), d_cond))
+        fake_logits_g, fake_aux = split_output(D(G(torch.randn(real.shape[0], self.z_dim), g_cond), d_cond))
         g_loss = loss.g_loss(fake_logits_g)
         g_total = g_loss if fake_aux is None else g_loss + self.d_cond.g_aux_loss(fake_aux, d_cond)
         self.opt_g.zero_grad()

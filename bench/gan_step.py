@@ -93,6 +93,7 @@ from handforge.registry import Entry
 from handforge.task import RunContext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _allocator import STATES, allocator_state, child_json, run_under  # noqa: E402
 from _flops import count_flops, matmul_rate  # noqa: E402
 from _step_profile import markdown as profile_markdown, profile_step  # noqa: E402
 from _studiogan_style import StudioGanLoop, force_nchw, layout_census  # noqa: E402
@@ -144,7 +145,7 @@ def backbone_config(name, config_cls):
     return config_cls(**STUDIOGAN_64) if name == "big_resnet" else config_cls()
 
 
-def make_task(size, name, factory, config, conditioning, seed=0):
+def make_task(size, name, factory, config, conditioning, seed=0, gan_config=None):
     """The `gan` task with this backbone on both sides, built from ``seed`` (same seed, same weights)."""
     g_cond, d_cond = CONDITIONING[conditioning]
     dataset = types.SimpleNamespace(image_size=size, class_names=[str(i) for i in range(N_CLASSES)])
@@ -158,7 +159,7 @@ def make_task(size, name, factory, config, conditioning, seed=0):
     run = RunContext(recipe=types.SimpleNamespace(seed=seed), accelerator=accelerate.Accelerator(cpu=True),
                      run_dir=None, dataset=dataset, components=components)
     torch.manual_seed(seed)
-    task = GanTask(GanConfig())
+    task = GanTask(gan_config or GanConfig())
     task.setup(run)
     return task
 
@@ -244,19 +245,24 @@ def peer_comparison(args):
     if size != 64:
         raise SystemExit("--studiogan-src: the comparison is at StudioGAN's 64 px config; use --size 64")
     factory, config_cls = backbone_entry("big_resnet")
-    task = make_task(size, "big_resnet", factory, backbone_config("big_resnet", config_cls), QUOTED["conditioning"])
+    config = backbone_config("big_resnet", config_cls)
+    task = make_task(size, "big_resnet", factory, config, QUOTED["conditioning"])
+    reuse = make_task(size, "big_resnet", factory, config, QUOTED["conditioning"], gan_config=GanConfig(reuse_fakes=True))
     ours_modules = task.export_modules()
     peer = _studiogan_peer.StudioGan(args.studiogan_src, batch_size, N_CLASSES, STUDIOGAN_OVERRIDES)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     batch = make_batch(size, batch_size)
-    runners = {"ours": lambda i: task.train_step(batch, i), "studiogan": lambda i: peer.step(batch, i)}
-    result = {"batch": batch_size, "repeats": args.repeats, "threads": torch.get_num_threads(), "studiogan_src": peer.sg.src, "stubbed": peer.sg.stubbed,
+    runners = {"ours": lambda i: task.train_step(batch, i), "ours_reuse": lambda i: reuse.train_step(batch, i),
+               "studiogan": lambda i: peer.step(batch, i)}
+    result = {"batch": batch_size, "repeats": args.repeats, "threads": torch.get_num_threads(),
+              "allocator": allocator_state(), "studiogan_src": peer.sg.src, "stubbed": peer.sg.stubbed,
               "studiogan_settings": peer.settings(),
               "params": {"ours": {"generator": count(ours_modules["generator"]),
                                   "discriminator": count(ours_modules["discriminator"])},
                          "studiogan": {"generator": count(peer.G), "discriminator": count(peer.D)}},
-              "times_ms": {"ours": [], "studiogan": []}, "load_avg": {"start": os.getloadavg()}}
+              "times_ms": {name: [] for name in runners}, "load_avg": {"start": os.getloadavg()}}
     result["params_as_expected"] = {k: v == STUDIOGAN_PARAMS for k, v in result["params"].items()}
+    order = list(runners)
     warm = {}
     for name, run in runners.items():
         print(f"... same-run comparison: {name} warm-up", file=sys.stderr, flush=True)
@@ -267,7 +273,7 @@ def peer_comparison(args):
         result.setdefault("first_losses", {})[name] = {k: float(logs[k]) for k in LOSS_KEYS}
     result["warmup_ms"] = warm
     for r in range(args.repeats):
-        for name in (("ours", "studiogan") if r % 2 == 0 else ("studiogan", "ours")):
+        for name in (order if r % 2 == 0 else order[::-1]):
             print(f"... same-run comparison: round {r + 1}/{args.repeats}, {name}", file=sys.stderr, flush=True)
             start = time.perf_counter()
             runners[name](r + 1)
@@ -277,6 +283,7 @@ def peer_comparison(args):
         result.setdefault("ms_median", {})[name] = statistics.median(times)
         result.setdefault("img_s", {})[name] = batch_size / statistics.median(times) * 1000
     result["ratio"] = result["img_s"]["ours"] / result["img_s"]["studiogan"]
+    result["ratio_reuse"] = result["img_s"]["ours_reuse"] / result["img_s"]["studiogan"]
     # per round, ours over StudioGAN (their iterations side by side): the spread of the ratio
     per_round = [s / o for o, s in zip(result["times_ms"]["ours"], result["times_ms"]["studiogan"])]
     result["ratio_per_round"] = per_round
@@ -284,41 +291,56 @@ def peer_comparison(args):
     return result
 
 
-def peer_report(peer):
-    p, t, q = peer["params"], peer["times_ms"], QUOTED
+PEER_ROWS = (("ours", "handforge big_resnet (`GanTask.train_step`, channels_last)"),
+             ("ours_reuse", "handforge big_resnet, `reuse_fakes = true` (one G forward less; another iteration)"),
+             ("studiogan", "StudioGAN big_resnet (its own code from --studiogan-src, worker's D + G step)"))
+
+
+def peer_report(peers):
+    """The same-run table; ``peers``: allocator state -> peer_comparison's result (tuned first)."""
+    first, q = next(iter(peers.values())), QUOTED
+    shipped = peers.get("default", first)["img_s"]["studiogan"]  # StudioGAN as it runs: glibc's defaults
     fmt = lambda ms: f"{ms:.0f}"  # noqa: E731
-    lines = [f"Same run, alternating, {peer['repeats']} rounds (order swapped each round; one warm-up each first): "
-             f"big_resnet at 64 px, batch {peer['batch']}, 10 classes, {peer['threads']} threads, "
-             f"torch {torch.__version__}", "",
-             "| implementation | G params | D params | ms/iter median | ms/iter min-max | img/s | ours / StudioGAN |",
-             "|---|---|---|---|---|---|---|"]
-    for name, label in (("ours", "handforge big_resnet (`GanTask.train_step`, channels_last)"),
-                        ("studiogan", "StudioGAN big_resnet (its own code from --studiogan-src, worker's D + G step)")):
-        ratio = f"{peer['ratio']:.2f}x" if name == "ours" else "1.00x"
-        lines.append(f"| {label} | {p[name]['generator']:,} | {p[name]['discriminator']:,} "
-                     f"| {fmt(peer['ms_median'][name])} | {fmt(min(t[name]))}-{fmt(max(t[name]))} "
-                     f"| {peer['img_s'][name]:.2f} | {ratio} |")
+    lines = [f"Same run, alternating, {first['repeats']} rounds (order reversed each round; one warm-up each first): "
+             f"big_resnet at 64 px, batch {first['batch']}, 10 classes, {first['threads']} threads, "
+             f"torch {torch.__version__}; one process per allocator setting", "",
+             "| implementation | allocator | ms/iter median | ms/iter min-max | img/s | vs StudioGAN as it ships "
+             "| vs StudioGAN, same allocator |", "|---|---|---|---|---|---|---|"]
+    for state, peer in peers.items():
+        t = peer["times_ms"]
+        for name, label in PEER_ROWS:
+            img_s = peer["img_s"][name]
+            lines.append(f"| {label} | {peer['allocator']} | {fmt(peer['ms_median'][name])} "
+                         f"| {fmt(min(t[name]))}-{fmt(max(t[name]))} | {img_s:.2f} | {img_s / shipped:.2f}x "
+                         f"| {img_s / peer['img_s']['studiogan']:.2f}x |")
     lines.append(f"| history: StudioGAN as quoted in the issue (another run, another time; not comparable) "
-                 f"| {q['g_params']} | {q['d_params']} | ~{q['ms_median']:.0f} | — | {q['img_s']} | — |")
-    ok = peer["params_as_expected"]
-    lines += ["", f"Parameter counts vs StudioGAN's expected G {STUDIOGAN_PARAMS['generator']:,} / "
-              f"D {STUDIOGAN_PARAMS['discriminator']:,}: StudioGAN's models {'match' if ok['studiogan'] else 'DIFFER'}, "
-              f"ours {'match' if ok['ours'] else 'DIFFER'}.",
-              "Per-round ratios (StudioGAN ms / ours ms): " + ", ".join(f"{r:.2f}" for r in peer["ratio_per_round"])
-              + f"; warm-ups (untimed): ours {peer['warmup_ms']['ours']:.0f} ms, StudioGAN "
-              f"{peer['warmup_ms']['studiogan']:.0f} ms; load average (1/5/15 min) at start "
-              + "/".join(f"{x:.1f}" for x in peer["load_avg"]["start"]) + ", at end "
-              + "/".join(f"{x:.1f}" for x in peer["load_avg"]["end"]) + ".",
-              f"Goal ours >= {GOAL_RATIO}x StudioGAN's img/s in the same run: "
-              f"{'met' if peer['goal_met'] else 'NOT met'} ({peer['ratio']:.2f}x).",
-              "", "StudioGAN settings (its Configurations from " + peer["studiogan_settings"]["config"]
+                 f"| — | ~{q['ms_median']:.0f} | — | {q['img_s']} | — | — |")
+    p, ok = first["params"], first["params_as_expected"]
+    lines += ["", "Allocator: \"tuned\" is what handforge's entry sets for every command (glibc's mmap and trim "
+              "thresholds raised, see handforge/entry.py); \"default\" is glibc's own, as StudioGAN runs. "
+              "\"As it ships\" divides by StudioGAN under the default allocator.",
+              f"Parameters: ours G {p['ours']['generator']:,} / D {p['ours']['discriminator']:,}, StudioGAN's "
+              f"G {p['studiogan']['generator']:,} / D {p['studiogan']['discriminator']:,}; expected "
+              f"G {STUDIOGAN_PARAMS['generator']:,} / D {STUDIOGAN_PARAMS['discriminator']:,}: "
+              f"StudioGAN's {'match' if ok['studiogan'] else 'DIFFER'}, ours {'match' if ok['ours'] else 'DIFFER'}."]
+    for state, peer in peers.items():
+        lines.append(f"{peer['allocator']}: per-round ratios (StudioGAN ms / ours ms) "
+                     + ", ".join(f"{r:.2f}" for r in peer["ratio_per_round"]) + "; warm-ups (untimed) "
+                     + ", ".join(f"{n} {peer['warmup_ms'][n]:.0f} ms" for n, _ in PEER_ROWS)
+                     + "; load average (1/5/15 min) at start " + "/".join(f"{x:.1f}" for x in peer["load_avg"]["start"])
+                     + ", at end " + "/".join(f"{x:.1f}" for x in peer["load_avg"]["end"]) + ".")
+    ours = first["img_s"]["ours"] / shipped
+    met = all(ok.values()) and ours >= GOAL_RATIO
+    lines += [f"Goal ours >= {GOAL_RATIO}x StudioGAN's img/s in the same run (our default iteration under handforge's "
+              f"allocator over StudioGAN as it ships): {'met' if met else 'NOT met'} ({ours:.2f}x).",
+              "", "StudioGAN settings (its Configurations from " + first["studiogan_settings"]["config"]
               + ", overridden to the quoted run's widths): "
-              + ", ".join(f"{k} {v}" for k, v in peer["studiogan_settings"].items() if k != "config")
-              + f". Checkout: {peer['studiogan_src']}; stand-in modules for its unused imports: "
-              + (", ".join(peer["stubbed"]) or "none") + ".",
-              "Iterations differ in noise and labels (StudioGAN draws fresh z and random labels for each of its "
-              "two G forwards; our task reuses the D step's fakes for the G step), so first losses are not compared; "
-              "the work per iteration is the same networks on the same batch, plus StudioGAN's second G forward."]
+              + ", ".join(f"{k} {v}" for k, v in first["studiogan_settings"].items() if k != "config")
+              + f". Checkout: {first['studiogan_src']}; stand-in modules for its unused imports: "
+              + (", ".join(first["stubbed"]) or "none") + ".",
+              "Both default iterations are BigGAN's: fakes without a graph for the D step, fresh noise and a second "
+              "G forward for the G step. They differ in noise and labels (StudioGAN draws random labels for its "
+              "fakes, ours take the real batch's), so first losses are not compared."]
     return "\n".join(lines)
 
 
@@ -430,8 +452,14 @@ def main():
                         help="batch of the --studiogan-src comparison and of --profile")
     parser.add_argument("--profile", action="store_true",
                         help="profile one iteration of our big_resnet task (torch.profiler, CPU): where the time goes")
+    parser.add_argument("--allocator", choices=STATES, default="tuned",
+                        help="glibc allocator settings this process runs under: handforge's (tuned, what every "
+                             "handforge command runs with) or glibc's defaults")
+    parser.add_argument("--no-compare-allocators", action="store_true",
+                        help="--studiogan-src / --profile: skip the second run of them under the other allocator")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args()
+    run_under(args.allocator)
     if args.steps < MIN_STEPS:
         parser.error(f"--steps must be >= {MIN_STEPS}")
     if args.repeats < 1:
@@ -441,20 +469,33 @@ def main():
     mm = matmul_rate(args.threads)
     peer = peer_comparison(args) if args.studiogan_src else None
     prof = profile_ours(args) if args.profile else None
+    peers, profiles = {allocator_state(): peer}, {allocator_state(): prof}
+    if (peer or prof) and not args.no_compare_allocators:
+        other = next(s for s in STATES if s != args.allocator)
+        argv = ["--backbones", "--no-compare-allocators", "--threads", str(args.threads), "--size", str(args.size),
+                "--peer-batch", str(args.peer_batch), "--repeats", str(args.repeats)]
+        argv += ["--studiogan-src", args.studiogan_src] if args.studiogan_src else []
+        argv += ["--profile"] if args.profile else []
+        print(f"... the same under the {other} allocator, in a child process", file=sys.stderr, flush=True)
+        child = child_json(os.path.abspath(__file__), argv, other)
+        peers[child["allocator"]], profiles[child["allocator"]] = child["same_run_studiogan"], child["profile"]
+    order = lambda d: {k: d[k] for k in sorted(d, key=lambda k: k != "tuned") if d[k] is not None}  # noqa: E731
+    peers, profiles = order(peers), order(profiles)
     rows, notes = run_all(args, mm["gflops_best"])
     result = summary(rows)
     if args.json:
         print(json.dumps({"size": args.size, "threads": args.threads, "torch": torch.__version__, "matmul": mm,
                           "rows": rows, "reference": QUOTED, "studiogan_params": STUDIOGAN_PARAMS, **result,
-                          "same_run_studiogan": peer, "profile": prof, "notes": notes}, indent=1))
+                          "allocator": allocator_state(), "same_run_studiogan": peer, "profile": prof,
+                          "same_run_by_allocator": peers, "profile_by_allocator": profiles, "notes": notes}, indent=1))
     else:
         parts = []
-        if peer is not None:
-            parts.append(peer_report(peer))
-        if prof is not None:
-            parts.append(profile_markdown(prof, f"Profile: one iteration of our big_resnet task (batch {args.peer_batch}, "
-                                          f"torch.profiler, CPU, self time; bench/_step_profile.py says how ops are "
-                                          f"put in categories)"))
+        if peers:
+            parts.append(peer_report(peers))
+        for state, profile in profiles.items():
+            parts.append(profile_markdown(profile, f"Profile, {state} allocator: one iteration of our big_resnet task "
+                                          f"(batch {args.peer_batch}, torch.profiler, CPU, self time; "
+                                          f"bench/_step_profile.py says how ops are put in categories)"))
         if rows or not parts:
             parts.append(report(rows, notes, result, mm, args))
         else:

@@ -86,3 +86,15 @@ def test_studiogan_models_have_the_expected_counts_and_its_iteration_trains():
     assert all(torch.isfinite(v) for v in logs.values())
     after = list((*peer.G.parameters(), *peer.D.parameters()))
     assert sum(not torch.equal(a, b) for a, b in zip(before, after)) > len(before) // 2  # both nets stepped
+
+
+def test_allocator_states_and_the_default_environment():
+    import _allocator
+    from handforge import entry
+
+    assert _allocator.allocator_state({**entry.TUNED, entry.MARKER: "1"}) == "tuned"
+    assert _allocator.allocator_state({"PATH": "/usr/bin"}) == "default"
+    assert _allocator.allocator_state({"LD_PRELOAD": "libtcmalloc.so"}) == "user"
+    clean = _allocator.default_environment({"PATH": "/usr/bin", **entry.TUNED, entry.MARKER: "1"})
+    assert clean == {"PATH": "/usr/bin", entry.OPT_OUT: "0"}  # and handforge's entry will not tune it again
+    assert entry.tuned_environment(clean, libc="glibc", system="Linux") is None
