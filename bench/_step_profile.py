@@ -1,4 +1,5 @@
-"""Where one training iteration's CPU time goes: ``profile_step(step, modules)`` for bench/gan_step.py.
+"""Where one training iteration's CPU time goes: ``profile_step(step, modules)`` for bench/gan_step.py
+and bench/diffusion_step.py.
 
 One call of ``step()`` under ``torch.profiler`` (CPU). Every op's self time goes to one category:
 
@@ -7,7 +8,8 @@ One call of ``step()`` under ``torch.profiler`` (CPU). Every op's self time goes
   ``_SpectralNorm`` parametrization: its power iteration and W / sigma), "conv", "attention"
   (a module with ``attention`` in its class name, less its convs, which count as conv),
   "batchnorm" (BatchNorm and the conditional BatchNorm modules around it, with their
-  gain / bias linears), "linear / embedding"; ops under ``aten::contiguous`` (the memory-format
+  gain / bias linears), "other norms" (RMS, group and layer norms: the U-Net's),
+  "linear / embedding"; ops under ``aten::contiguous`` (the memory-format
   conversions: NCHW <-> channels_last copies) count as "layout conversions" wherever they run;
 - backward ops (autograd's ``evaluate_function: XBackward`` nodes) to the category of the
   forward op that made them (matched by autograd sequence number);
@@ -24,8 +26,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 PREFIX = "cat::"
 LAYOUT_OPS = ("aten::contiguous",)
-ORDER = ("conv", "spectral norm", "attention", "batchnorm", "linear / embedding", "layout conversions",
-         "optimizer step", "other (activations, losses, EMA, glue)")
+ORDER = ("conv", "spectral norm", "attention", "batchnorm", "other norms", "linear / embedding",
+         "layout conversions", "optimizer step", "other (activations, losses, EMA, glue)")
 OTHER = ORDER[-1]
 
 
@@ -39,6 +41,8 @@ def category_of(module):
         return "attention"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) or "batchnorm" in name.lower() or "cbn" in name.lower():
         return "batchnorm"
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) or name.lower().endswith("norm"):
+        return "other norms"
     if isinstance(module, (nn.Linear, nn.Embedding)):
         return "linear / embedding"
     return None

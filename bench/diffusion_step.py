@@ -2,7 +2,8 @@
 sampling, ours beside denoising-diffusion-pytorch's Unet + GaussianDiffusion, as a table.
 
     python bench/diffusion_step.py [--size 64] [--batch 16] [--sampling-steps 50] [--repeats 3]
-                                   [--threads 2] [--device cpu|cuda]
+                                   [--threads 2] [--device cpu|cuda] [--allocator tuned|default]
+                                   [--profile]
 
 Both sides: sigmoid schedule, 1000 timesteps, v prediction, MSE, Adam (lr 2e-5, betas 0.9/0.99);
 sampling is deterministic DDIM (eta 0) over ``--sampling-steps`` steps with x0 clipped. Ours is the
@@ -10,6 +11,9 @@ sampling is deterministic DDIM (eta 0) over ``--sampling-steps`` steps with x0 c
 copied into ours first, so both run the same network (parameter counts are checked equal). The
 repeats are interleaved (ours, peer, ours, peer, ...) after one warm-up each, so a noisy machine
 hits both alike; the table has medians and ours/peer ratios of img/s (> 1: ours is faster).
+Both run in one process, so under the same glibc allocator settings (``--allocator``, default
+handforge's own, see bench/_allocator.py). ``--profile``: one training step of each under
+``torch.profiler`` (CPU), split by category (bench/_step_profile.py), side by side.
 Needs the benchmark-only extra: pip install -c constraints.txt denoising-diffusion-pytorch
 """
 import argparse
@@ -21,7 +25,10 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from peer_ddpm import import_peer  # noqa: E402
+from _allocator import STATES, allocator_state, run_under  # noqa: E402
+from _step_profile import ORDER, profile_step  # noqa: E402
 
 from handforge.plugins.backbones.unet import UnetConfig, build_unet  # noqa: E402
 from handforge.plugins.conditioners.label import NoCondition  # noqa: E402
@@ -100,7 +107,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--allocator", choices=STATES, default="tuned",
+                    help="glibc allocator settings of this process (both sides): handforge's (tuned) or glibc's")
+    ap.add_argument("--profile", action="store_true", help="profile one training step of each, side by side")
     args = ap.parse_args()
+    run_under(args.allocator)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     peer = import_peer()
@@ -124,7 +135,8 @@ def main():
             for m in (ours, theirs):
                 times[m.name].append(timed(lambda: call(m), device))
         rows[what] = {k: statistics.median(v) for k, v in times.items()}
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, {args.threads} threads, allocator {allocator_state()}"
     print(f"U-Net dim 64, mults 1-2-4-8 ({counts[0] / 1e6:.1f}M params both), {args.size} px, batch {args.batch}, "
           f"{dev}, median of {args.repeats} interleaved repeats")
     print(f"| {'measure':<20} | {'ours s':>8} | {'ours img/s':>10} | {'peer s':>8} | {'peer img/s':>10} | {'ratio':>6} |")
@@ -132,6 +144,36 @@ def main():
     for what, r in rows.items():
         o, p = r[ours.name], r[theirs.name]
         print(f"| {what:<20} | {o:8.3f} | {args.batch / o:10.2f} | {p:8.3f} | {args.batch / p:10.2f} | {p / o:5.2f}x |")
+    if args.profile and device.type == "cpu":
+        print()
+        runs = {ours.name: [], theirs.name: []}
+        for _ in range(args.repeats):  # interleaved like the timings: load changes hit both alike
+            for m in (ours, theirs):
+                runs[m.name].append(profile_step(lambda: m.train_step(x0), [ours.net if m is ours else peer_unet]))
+        print(profile_table(runs))
+
+
+def profile_table(runs):
+    """One training step's CPU time by category (median over the profiled repeats), ours beside the peer's."""
+    names = list(runs)
+
+    def median_ms(name, cat):
+        return statistics.median([next((c["ms"] for c in r["categories"] if c["category"] == cat), 0.0)
+                                  for r in runs[name]])
+
+    present = {c["category"] for rs in runs.values() for r in rs for c in r["categories"]}
+    lines = [f"One training step by category, median of {len(runs[names[0]])} profiled steps each", "",
+             f"| category | {names[0]} ms | {names[1]} ms | difference ms |", "|---|---|---|---|"]
+    for cat in (c for c in ORDER if c in present):
+        a, b = median_ms(names[0], cat), median_ms(names[1], cat)
+        lines.append(f"| {cat} | {a:.0f} | {b:.0f} | {a - b:+.0f} |")
+    a, b = (statistics.median(r["total_ms"] for r in runs[n]) for n in names)
+    lines.append(f"| all (profiled self time) | {a:.0f} | {b:.0f} | {a - b:+.0f} |")
+    for n in names:
+        last = runs[n][-1]
+        lines += ["", f"{n}, top ops of the last profiled step:", "", "| op | calls | ms |", "|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.0f} |" for o in last["top_ops"][:10]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
