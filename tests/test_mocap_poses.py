@@ -3,6 +3,7 @@ import io
 import json
 import pathlib
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -80,6 +81,12 @@ def test_grab_nested_pickled_dicts(tmp_path):
     np.testing.assert_array_equal(seq.left, left)
     np.testing.assert_array_equal(seq.right, right)
     assert (seq.source, seq.frame_rate, seq.flat_hand_mean) == ("grab", 120.0, True)
+    save_object_npz(tmp_path / "g60.npz", framerate=np.array(60.0), lhand={"params": {"fullpose": left}},
+                    rhand={"params": {"fullpose": right}})
+    assert read_sequence(tmp_path / "g60.npz").frame_rate == 60.0  # the file's rate wins
+    save_object_npz(tmp_path / "g_norate.npz", lhand={"params": {"fullpose": left}},
+                    rhand={"params": {"fullpose": right}})
+    assert read_sequence(tmp_path / "g_norate.npz").frame_rate == 120.0  # GRAB's capture rate
 
 
 @pytest.mark.parametrize("comps", [24, 12])
@@ -98,7 +105,7 @@ def test_arctic_mano_npy(tmp_path):
     seq = read_sequence(tmp_path / "s01_box.mano.npy")
     np.testing.assert_array_equal(seq.left, left)
     np.testing.assert_array_equal(seq.right, right)
-    assert (seq.source, seq.flat_hand_mean) == ("arctic", False)
+    assert (seq.source, seq.flat_hand_mean, seq.frame_rate) == ("arctic", False, 30.0)
 
 
 class Planted:
@@ -213,3 +220,254 @@ def test_prepare_mocap_splits_by_sequence_and_feeds_hand_poses(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out/train/left.npy"), np.load(tmp_path / "out2/train/left.npy"))
     data = HandPoses(HandPosesConfig(root=str(tmp_path / "out")), "train")
     assert data.batch([0]).shape == (1, 90)
+
+
+# -- prepare mocap: priority table, --fps, --drop-flat / --drop-static, determinism -------------
+
+from handforge.cli import main  # noqa: E402
+from handforge.plugins.datasets.mocap_poses import priorities, sampling  # noqa: E402
+from handforge.plugins.datasets.mocap_poses.prepare import Filters, prepare_mocap  # noqa: E402
+
+
+def amass_file(path, hands, rate=120.0):
+    """An AMASS SMPL+H sequence whose hands (N, 90: left then right) are ``hands``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = poses(len(hands), 156)
+    full[:, 66:156] = hands
+    members = {"poses": full, "trans": poses(len(hands), 3)}
+    if rate is not None:
+        members["mocap_framerate"] = np.array(rate)
+    np.savez(path, **members)
+
+
+def marked(n, mark):
+    """(n, 90) hands whose first value is the sequence mark and second the frame index."""
+    hands = poses(n, 90)
+    hands[:, 0], hands[:, 1] = mark, np.arange(n)
+    return hands
+
+
+def two_dataset_tree(root, frames=20, per=10):
+    for d, base in (("CMU", 0), ("GRAB", 100)):
+        for s in range(per):
+            amass_file(root / d / f"seq{s}_poses.npz", marked(frames, base + s))
+
+
+def prepare_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "mocap", *map(str, args)])
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def all_frames(out):
+    """(source name, mark, frame index) of every prepared frame, all splits."""
+    meta = json.loads((out / "dataset_metadata.json").read_text())
+    rows = []
+    for split in ("train", "val", "test"):
+        left = np.load(out / split / "left.npy")
+        source, frame = np.load(out / split / "source.npy"), np.load(out / split / "frame.npy")
+        assert np.array_equal(left[:, 1], frame)  # frame.npy is the index of the frame in its file
+        rows += [(meta["sources"][s], int(m), int(f)) for s, m, f in zip(source, left[:, 0], frame)]
+    return meta, rows
+
+
+def test_shipped_table_is_package_data_and_matches_the_seed_table():
+    import importlib.resources
+    shipped = importlib.resources.files("handforge.plugins.datasets.mocap_poses") / "priorities.toml"
+    assert shipped.is_file()
+    table = priorities.load_table()
+    assert table.path == str(shipped)
+    assert table.shares == {"high": 0.60, "medium": 0.25, "low": 0.15} and table.total == 1_500_000
+    assert [table.priority_of(d) for d in ("GRAB", "arctic", "SignAvatars_v2", "kungfu", "CMU", "KIT")] == \
+        ["high", "high", "high", "medium", "low", "low"]
+
+
+def test_table_file_replaces_priorities(tmp_path, capsys):
+    root = tmp_path / "mocap"
+    two_dataset_tree(root)
+    code, _, err = prepare_cli(capsys, root, "--out", tmp_path / "shipped", "--total", 100)
+    assert code == 0, err
+    meta, rows = all_frames(tmp_path / "shipped")
+    # shipped table: GRAB high (0.60), CMU unlisted -> low (0.15); renormalized over the two present
+    assert meta["priority"] == {"CMU": "low", "GRAB": "high"}
+    assert sum(r[0] == "GRAB" for r in rows) == 80 and sum(r[0] == "CMU" for r in rows) == 20
+    table = tmp_path / "mine.toml"
+    table.write_text('total = 50\nunlisted = "exclude"\n[shares]\nfirst = 0.9\nsecond = 0.1\n'
+                     '[datasets]\nfirst = ["C*"]\nsecond = ["GRAB", "HDM05"]\n')
+    code, _, err = prepare_cli(capsys, root, "--out", tmp_path / "mine", "--table", table)
+    assert code == 0, err
+    meta, rows = all_frames(tmp_path / "mine")
+    assert meta["priority"] == {"CMU": "first", "GRAB": "second"} and meta["total_target"] == 50
+    assert sum(r[0] == "CMU" for r in rows) == 45 and sum(r[0] == "GRAB" for r in rows) == 5
+    assert meta["missing_datasets"] == {"second": ["HDM05"]}
+    assert any("HDM05" in w and str(table) in w for w in meta["warnings"])
+    # unlisted = "exclude": a dataset no list names is left out, its files counted
+    table.write_text('unlisted = "exclude"\n[shares]\nhigh = 1.0\n[datasets]\nhigh = ["GRAB"]\n')
+    meta = prepare_mocap(root, tmp_path / "excl", total=40, table=table)
+    assert meta["sources"] == ["GRAB"] and meta["excluded_files"] == {"CMU": 10}
+
+
+BAD_TABLES = {
+    "unknown key": ('totl = 5\n[shares]\nlow = 1.0\n', r"unknown key 'totl'"),
+    "two priorities": ('[shares]\nhigh = 0.5\nlow = 0.5\n[datasets]\nhigh = ["GRAB"]\nlow = ["CMU", "GRAB"]\n',
+                       r"'datasets\.low': 'GRAB' is also listed under 'datasets\.high'"),
+    "sum": ('[shares]\nhigh = 0.5\nlow = 0.4\n[datasets]\nhigh = ["GRAB"]\n',
+            r"'shares': the shares sum to 0\.9,"),
+    "negative": ('[shares]\nhigh = 1.1\nlow = -0.1\n[datasets]\nhigh = ["GRAB"]\n',
+                 r"'shares\.low': -0\.1 is negative"),
+    "total": ('total = 1.5e6\n[shares]\nlow = 1.0\n', r"'total': expected a positive whole number"),
+    "no share": ('[shares]\nlow = 1.0\n[datasets]\nurgent = ["GRAB"]\n', r"'datasets\.urgent': no share"),
+    "two patterns": ('[shares]\nhigh = 0.5\nlow = 0.5\n[datasets]\nhigh = ["C*"]\nlow = ["*U", "GRAB"]\n',
+                     r"dataset 'CMU' matches patterns of two priorities \(datasets\.high 'C\*', datasets\.low '\*U'\)"),
+    "not TOML": ('[shares\nlow = 1\n', r"invalid TOML"),
+    "none present": ('[shares]\nhigh = 0.6\nlow = 0.4\n[datasets]\nhigh = ["BMLmovi"]\n',
+                     r"names none of the datasets under .*found: CMU, GRAB"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TABLES))
+def test_bad_table_exits_2_naming_file_and_key(tmp_path, capsys, case):
+    root = tmp_path / "mocap"
+    two_dataset_tree(root, per=2)
+    text, message = BAD_TABLES[case]
+    table = tmp_path / "bad_table.toml"
+    table.write_text(text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = prepare_cli(capsys, root, "--out", tmp_path / "out", "--table", table)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{table}: " in err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, not even a temp folder
+
+
+def test_fps_keeps_the_frame_nearest_each_tick(tmp_path):
+    root = tmp_path / "mocap"
+    amass_file(root / "CMU" / "a_poses.npz", marked(50, 1), rate=120.0)
+    amass_file(root / "CMU" / "b_poses.npz", marked(40, 2), rate=100.0)
+    amass_file(root / "CMU" / "c_poses.npz", marked(9, 3), rate=20.0)
+    meta = prepare_mocap(root, tmp_path / "out", (1.0, 0.0, 0.0), total=1000, filters=Filters(fps=30))
+    _, rows = all_frames(tmp_path / "out")
+    kept = {m: [f for _, mark, f in rows if mark == m] for m in (1, 2, 3)}
+    assert kept[1] == list(range(0, 50, 4))  # 120 -> 30 fps: every 4th frame from frame 0
+    # 100 fps: for each tick j/30 s, the frame nearest in time (a hand-written search)
+    ticks = [j / 30 for j in range(40) if j / 30 <= 39 / 100]
+    assert kept[2] == [min(range(40), key=lambda i: abs(i / 100 - t)) for t in ticks]
+    assert kept[2][:6] == [0, 3, 7, 10, 13, 17]
+    assert kept[3] == list(range(9))  # slower than --fps: all frames
+    assert meta["dropped"] == {"fps": 50 - 13 + 40 - len(ticks), "flat_hands": 0, "static": 0}
+
+
+def test_fps_refuses_a_sequence_without_frame_rate(tmp_path, capsys):
+    root = tmp_path / "mocap"
+    amass_file(root / "CMU" / "ok_poses.npz", marked(8, 1))
+    amass_file(root / "CMU" / "norate_poses.npz", marked(8, 2), rate=None)
+    code, _, err = prepare_cli(capsys, root, "--out", tmp_path / "out", "--fps", 30)
+    assert code == 2 and "norate_poses.npz: no frame rate" in err and "--fps" in err
+    assert not (tmp_path / "out").exists()
+    meta = prepare_mocap(root, tmp_path / "out", total=100, on_error="skip", filters=Filters(fps=30))
+    assert sum(meta["unreadable"].values()) == 1 and meta["datasets"]["CMU"]["files"] == 1
+
+
+def naive_moving(hands, threshold):
+    kept = [0]
+    for i in range(1, len(hands)):
+        if np.abs(hands[i] - hands[kept[-1]]).max() > threshold:
+            kept.append(i)
+    return kept
+
+
+def test_moving_frames_matches_the_frame_by_frame_rule():
+    rng = np.random.default_rng(3)
+    # long still stretches (windows must grow past them) between bursts of motion
+    steps = rng.normal(0, 0.004, size=(3000, 90)) * (rng.random((3000, 1)) < 0.3)
+    walk = np.cumsum(steps, axis=0).astype(np.float32)
+    for threshold in (0.0, 0.005, 0.02, 0.1):
+        assert sampling.moving_frames(walk, threshold).tolist() == naive_moving(walk, threshold)
+
+
+def test_drop_flat_and_static_drop_exactly_those_frames(tmp_path):
+    a = poses(1, 90)[0]
+    frames = [a,                     # 0 kept (first)
+              a + 0.004,             # 1 static: moved 0.004 <= 0.01 since frame 0
+              a + 0.02,              # 2 moved 0.02 since frame 0: kept
+              np.zeros(90),          # 3 flat (body-only frame)
+              np.zeros(90),          # 4 flat
+              a + 0.029,             # 5 static: 0.009 since frame 2, the last kept (flat frames don't count)
+              a + 0.0301,            # 6 moved 0.0101 since frame 2: kept
+              np.r_[np.zeros(45), a[45:] + 0.5]]  # 7 left hand flat, right moved: not flat, kept
+    hands = np.stack(frames).astype(np.float32)
+    root = tmp_path / "mocap"
+    amass_file(root / "CMU" / "s_poses.npz", hands)
+    amass_file(root / "CMU" / "t_poses.npz", np.zeros((5, 90), np.float32))  # a body-only capture
+    meta = prepare_mocap(root, tmp_path / "out", (1.0, 0.0, 0.0), total=1000,
+                         filters=Filters(drop_flat=True, static_threshold=0.01))
+    assert np.load(tmp_path / "out/train/frame.npy").tolist() == [0, 2, 6, 7]
+    np.testing.assert_array_equal(np.load(tmp_path / "out/train/left.npy"), hands[[0, 2, 6, 7], :45])
+    assert meta["dropped"] == {"fps": 0, "flat_hands": 2 + 5, "static": 2}
+    assert meta["datasets"]["CMU"]["available"] == 4 and meta["splits"]["train"]["sequences"] == 1
+    # without --drop-flat the zero frames are frames like any other: 4 is static after 3
+    meta = prepare_mocap(root, tmp_path / "out2", (1.0, 0.0, 0.0), total=1000,
+                         filters=Filters(static_threshold=0.01))
+    assert np.load(tmp_path / "out2/train/frame.npy").tolist() == [0, 2, 3, 5, 7, 0]
+    assert meta["dropped"]["static"] == 3 + 4
+
+
+def test_fair_split_spreads_then_refills():
+    assert sampling.fair_split(100, [1000, 10, 10]).tolist() == [80, 10, 10]
+    assert sampling.fair_split(90, [1000, 1000, 1000]).tolist() == [30, 30, 30]
+    assert sampling.fair_split(10, [5, 5, 5]).tolist() == [4, 3, 3]
+    assert sampling.fair_split(100, [3, 4]).tolist() == [3, 4]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        caps = rng.integers(0, 50, size=rng.integers(1, 8))
+        budget = int(rng.integers(0, 300))
+        given = sampling.fair_split(budget, caps)
+        assert given.sum() == min(budget, caps.sum()) and (given <= caps).all() and (given >= 0).all()
+        # max-min fair: a bin below its capacity is within one of the fullest bin
+        open_bins = given < caps
+        if open_bins.any():
+            assert given.max() - given[open_bins].min() <= 1
+
+
+def test_priority_spread_over_datasets_then_sequences(tmp_path):
+    root = tmp_path / "mocap"
+    amass_file(root / "GRAB" / "long_poses.npz", marked(1000, 1))
+    for s in range(10):
+        amass_file(root / "arctic" / f"short{s}_poses.npz", marked(10, 10 + s))
+    meta = prepare_mocap(root, tmp_path / "out", total=100)  # both high: 50 each, 5 per short sequence
+    assert meta["datasets"]["GRAB"]["kept"] == 50 and meta["datasets"]["arctic"]["kept"] == 50
+    _, rows = all_frames(tmp_path / "out")
+    long_frames = sorted(f for _, m, f in rows if m == 1)
+    assert long_frames == np.linspace(0, 999, 50).round().astype(int).tolist()  # an even stride
+    assert all(sum(m == k for _, m, _ in rows) == 5 for k in range(10, 20))
+
+
+def test_rerun_writes_identical_bytes(tmp_path):
+    root = tmp_path / "mocap"
+    two_dataset_tree(root, frames=30)
+    amass_file(root / "CMU" / "still_poses.npz", np.zeros((12, 90), np.float32))
+    filters = Filters(fps=60, drop_flat=True, static_threshold=0.001)
+    for name in ("a", "b"):
+        prepare_mocap(root, tmp_path / name, seed=7, total=300, filters=filters)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 13
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    prepare_mocap(root, tmp_path / "c", seed=8, total=300, filters=filters)
+    assert (tmp_path / "c/train/frame.npy").read_bytes() != (tmp_path / "a/train/frame.npy").read_bytes() or \
+        (tmp_path / "c/val/source.npy").read_bytes() != (tmp_path / "a/val/source.npy").read_bytes()
+
+
+def test_split_fractions_hold_for_the_sequences_written(tmp_path):
+    root = tmp_path / "mocap"
+    for s in range(10):
+        amass_file(root / "CMU" / f"hands{s}_poses.npz", marked(6, s))
+        amass_file(root / "CMU" / f"body{s}_poses.npz", np.zeros((6, 90), np.float32))  # dropped whole
+    for seed in range(5):
+        meta = prepare_mocap(root, tmp_path / f"out{seed}", (0.5, 0.5, 0.0), seed=seed, total=1000,
+                             filters=Filters(drop_flat=True))
+        assert [meta["splits"][k]["sequences"] for k in ("train", "val", "test")] == [5, 5, 0]
+        assert meta["datasets"]["CMU"] == {"files": 20, "read": 120, "available": 60, "kept": 60,
+                                           "dropped": {"fps": 0, "flat_hands": 60, "static": 0}}

@@ -1,13 +1,17 @@
 """ARCTIC ``raw_seqs/sXX/<seq>.mano.npy``: a pickled dict ``{"right"|"left": {"rot", "pose"
 (N, 45), "trans", "shape", ...}}``, fitted with MANO's flat_hand_mean=False: the poses are
 relative to MANO's mean hand and are kept so (the convention is recorded, never converted here).
-ARCTIC's mocap runs at 120 fps (frame rate not stored in the file)."""
+The file stores no frame rate, nor do ARCTIC's data docs. Its rows are the video's frames
+(ARCTIC's own loader indexes them by image number minus the sequence's sync offset, ``ioi_offset``
+in ``meta/misc.json``), so the rate is taken to be that of ARCTIC's videos, 30 fps."""
 from __future__ import annotations
 
 from handforge import safe_pickle
 from handforge.errors import DataError
 
 from .common import HandSequence, hand_block, refuse_pca
+
+FRAME_RATE = 30.0
 
 
 def read(path) -> HandSequence:
@@ -29,4 +33,4 @@ def read(path) -> HandSequence:
         hands[side] = hand_block(pose, path, f"{side}/pose")
     if len(hands["left"]) != len(hands["right"]):
         raise DataError(f"{path}: left has {len(hands['left'])} frames, right {len(hands['right'])}")
-    return HandSequence(hands["left"], hands["right"], "arctic", 120.0, False, str(path))
+    return HandSequence(hands["left"], hands["right"], "arctic", FRAME_RATE, False, str(path))

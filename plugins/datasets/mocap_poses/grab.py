@@ -1,6 +1,7 @@
 """GRAB sequence ``.npz``: members are pickled nested dicts. Full MANO hand poses at
 ``lhand/params/fullpose`` and ``rhand/params/fullpose`` (N, 45); ``hand_pose`` (N, 24) beside
-them is PCA-compressed and refused when it is all there is. Frame rate in ``framerate``.
+them is PCA-compressed and refused when it is all there is. Frame rate in ``framerate``; GRAB was
+captured at 120 fps throughout, which a file without the key is taken to be.
 GRAB's hands are fitted with flat_hand_mean=True."""
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from handforge import safe_pickle
 from handforge.errors import DataError
 
 from .common import HandSequence, frame_rate, hand_block, refuse_pca
+
+FRAME_RATE = 120.0  # GRAB's capture rate, for files that do not store it
 
 
 def read(path) -> HandSequence:
@@ -33,4 +36,5 @@ def from_members(found: dict, path) -> HandSequence:
     left, right = _hand(found, path, "lhand"), _hand(found, path, "rhand")
     if len(left) != len(right):
         raise DataError(f"{path}: lhand has {len(left)} frames, rhand {len(right)}")
-    return HandSequence(left, right, "grab", frame_rate(found, path, "framerate"), True, str(path))
+    rate = frame_rate(found, path, "framerate")
+    return HandSequence(left, right, "grab", FRAME_RATE if rate is None else rate, True, str(path))
