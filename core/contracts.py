@@ -145,7 +145,15 @@ class DenoiserSide(Conditioner, Protocol):
     (channels concatenated to x_t, 0 and the identity when none); ``denoiser_embedding(dim) ->
     nn.Module | None`` (maps ``cond`` to an (N, dim) vector added to the time embedding, None when
     there is none); ``drop(cond, mask) -> cond``: the null condition on the rows where the (N,)
-    bool mask is set (classifier-free guidance)."""
+    bool mask is set (classifier-free guidance).
+
+    Optional (not checked: a conditioner without it is built as before): ``denoiser_modulation(
+    channels) -> nn.Module | None``, a layer whose ``forward(h, cond)`` returns (N, channels, h, w)
+    features modulated by the condition, typically h * (1 + gamma) + beta with gamma, beta made
+    from ``cond`` at h's resolution. A denoiser applies one after each normalisation of its
+    residual blocks (SPADE's place); it should start as the identity (gamma, beta zero), so that
+    training starts from the unmodulated network. None, or no such method: no modulation, and
+    the denoiser is exactly the unmodulated network (same modules, same state_dict)."""
 
     input_channels: int
 

@@ -10,8 +10,8 @@ from handforge.errors import HandforgeError
 from handforge.plugin_manager import PluginHost, PluginInfo
 from handforge.plugins.backbones.deep_conv import DeepConvConfig, build_deep_conv
 from handforge.plugins.conditioners import pose
-from handforge.plugins.conditioners.pose import (ConcatConditioner, PoseMapsConfig, Spade, SpadeConditioner,
-                                                 SpadeConfig)
+from handforge.plugins.conditioners.pose import (ConcatConditioner, PoseMapsConfig, PoseModulation, Spade,
+                                                 SpadeConditioner, SpadeConfig)
 from handforge.plugins.conditioners.pose_maps import heatmaps, limb_maps, make_maps, resize_maps
 from handforge.plugins.losses.adversarial import Hinge
 from handforge.plugins.tasks.gan import GanConfig
@@ -189,9 +189,12 @@ def test_spade_at_init_is_batchnorm():
     torch.testing.assert_close(layer(x, cond), plain(x))
 
 
-def test_spade_by_hand():
+@pytest.mark.parametrize("layer_cls", [Spade, PoseModulation])
+def test_spade_by_hand(layer_cls):
+    """SPADE, and its modulation alone (the denoiser's layer): the same gamma and beta, on x
+    batch-normalised or on x itself."""
     torch.manual_seed(1)
-    layer = perturb(Spade(3, 21, hidden=4, kernel=1))
+    layer = perturb(layer_cls(3, 21, hidden=4, kernel=1))
     cond = heatmaps(random_keypoints(2), 8)
     x = torch.randn(2, 3, 4, 4)
     m = nn.functional.interpolate(cond, size=(4, 4), mode="bilinear", antialias=True)
@@ -200,7 +203,8 @@ def test_spade_by_hand():
     gamma = torch.einsum("nkhw,ck->nchw", h, layer.gamma.weight[:, :, 0, 0]) + layer.gamma.bias[:, None, None]
     beta = torch.einsum("nkhw,ck->nchw", h, layer.beta.weight[:, :, 0, 0]) + layer.beta.bias[:, None, None]
     mean, var = x.mean(dim=(0, 2, 3), keepdim=True), x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    expected = (x - mean) / torch.sqrt(var + 1e-5) * (1 + gamma) + beta
+    normalised = (x - mean) / torch.sqrt(var + 1e-5) if layer_cls is Spade else x
+    expected = normalised * (1 + gamma) + beta
     torch.testing.assert_close(layer(x, cond), expected, rtol=1e-4, atol=1e-5)
 
 

@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import REPO, run_cli
 from handforge.recipe import load_recipe
@@ -70,11 +71,22 @@ def test_gan_recipes_run_shortened(tmp_path):
 DIFFUSION_SMALL = ["data.size=32", "model.denoiser.dim=8", "task.sampling_steps=4", "task.sample_count=4"]
 
 
-@pytest.mark.parametrize("name", ["diffusion_quickstart", "handshape_diffusion_pose", "palm_ddpm"])
-def test_diffusion_recipes_run_shortened(tmp_path, name):
+# The quickstart's documented SPADE variant (docs/diffusion.md): the pose through SPADE modulation.
+SPADE_QUICKSTART = ["model.conditioner.name=spade", "model.conditioner.hidden=8"]
+
+
+@pytest.mark.parametrize("name,extra", [("diffusion_quickstart", []), ("diffusion_quickstart", SPADE_QUICKSTART),
+                                        ("handshape_diffusion_pose", []), ("palm_ddpm", [])],
+                         ids=["diffusion_quickstart", "diffusion_quickstart_spade", "handshape_diffusion_pose",
+                              "palm_ddpm"])
+def test_diffusion_recipes_run_shortened(tmp_path, name, extra):
     result = run_cli("run", REPO / "recipes" / f"{name}.toml", f"output_dir={tmp_path}", "train.steps=2",
-                     "train.batch_size=4", "train.sample_every=2", "train.progress=false", *DIFFUSION_SMALL)
+                     "train.batch_size=4", "train.sample_every=2", "train.progress=false", *DIFFUSION_SMALL,
+                     *extra)
     assert result.returncode == 0, f"{name}: {result.stderr}"
     assert (tmp_path / name / "samples" / "step_00000002.png").is_file()
     last = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2 and math.isfinite(last["loss"]), last
+    # The exported denoiser has SPADE's modulation layers exactly when the conditioner is spade.
+    weights = load_file(tmp_path / name / "weights" / "denoiser.safetensors")
+    assert any(".modulation." in k for k in weights) == (extra == SPADE_QUICKSTART)

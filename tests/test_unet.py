@@ -1,15 +1,21 @@
 """The unet denoiser: parameter count by closed form, shapes at several sizes, the size/role errors,
-the conditioners' denoiser side (class embedding, pose maps, drop for guidance), and, when the
-benchmark-only extra denoising-diffusion-pytorch is installed, the peer's weights giving the
-peer's output."""
+the conditioners' denoiser side (class embedding, pose maps, SPADE modulation, drop for guidance),
+and, when the benchmark-only extra denoising-diffusion-pytorch is installed, the peer's weights
+giving the peer's output."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from handforge.errors import HandforgeError
-from handforge.plugins.backbones.unet import UnetConfig, build_unet
+from handforge.plugins.backbones.unet import Block, UnetConfig, build_unet
+from handforge.plugins.conditioners.auxiliary import LatentLabel
 from handforge.plugins.conditioners.label import ClassBatchNorm, NoCondition
-from handforge.plugins.conditioners.pose import ConcatConditioner, PoseMapsConfig
+from handforge.plugins.conditioners.pose import (ConcatConditioner, PoseMapsConfig, PoseModulation,
+                                                 SpadeConditioner, SpadeConfig)
+from handforge.plugins.tasks.diffusion.guidance import predictor
+from handforge.plugins.tasks.diffusion.schedules import Schedule, to_x0_eps
+from handforge.recipe import load_recipe
 from handforge.toml_writer import dumps
 
 from peer_ddpm import import_peer
@@ -17,11 +23,15 @@ from peer_ddpm import import_peer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def closed_form_params(dim, mults, channels=3, heads=4, dim_head=32, mem=4, in_extra=0):
-    """The peer's Unet layout counted by hand: conv = k*k*cin*cout + cout, rms gain = c."""
+def closed_form_params(dim, mults, channels=3, heads=4, dim_head=32, mem=4, in_extra=0, spade=None):
+    """The peer's Unet layout counted by hand: conv = k*k*cin*cout + cout, rms gain = c. ``spade``
+    (map channels, hidden, kernel): a SPADE modulation after each of a residual block's 2 norms."""
     conv = lambda k, a, b, bias=True: k * k * a * b + (b if bias else 0)  # noqa: E731
     t = 4 * dim
-    res = lambda a, b: (t * 2 * b + 2 * b) + conv(3, a, b) + b + conv(3, b, b) + b + (conv(1, a, b) if a != b else 0)  # noqa: E731
+    mod = (lambda c: 0) if spade is None else (  # noqa: E731
+        lambda c: conv(spade[2], spade[0], spade[1]) + 2 * conv(spade[2], spade[1], c))
+    res = lambda a, b: ((t * 2 * b + 2 * b) + conv(3, a, b) + b + conv(3, b, b) + b  # noqa: E731
+                        + (conv(1, a, b) if a != b else 0) + 2 * mod(b))
     hid = heads * dim_head
     full = lambda c: c + 2 * heads * mem * dim_head + conv(1, c, 3 * hid, False) + conv(1, hid, c)  # noqa: E731
     lin = lambda c: full(c) + c  # plus the RMS norm after its output conv  # noqa: E731
@@ -109,15 +119,139 @@ def test_pose_maps_enter_the_input_and_drop_zeroes_them():
     assert out.shape == (2, 3, 32, 32)
 
 
-def test_spade_is_refused_on_the_denoiser_side():
-    from handforge.plugins.conditioners.pose import SpadeConditioner
+def test_a_generator_only_conditioner_is_refused_on_the_denoiser_side():
     with pytest.raises(HandforgeError, match="not as the denoiser's conditioner"):
-        SpadeConditioner(role="denoiser", image_size=32)
+        LatentLabel(role="denoiser", n_classes=3, image_size=32)
+
+
+# -- SPADE modulation on the denoiser (conditioner spade) ------------------------------------------
+
+def spade(maps="limbs", hidden=6, kernel=3, size=32):
+    return SpadeConditioner(SpadeConfig(maps=maps, hidden=hidden, kernel=kernel), role="denoiser", image_size=size)
+
+
+def visible_keypoints(n, seed=0):
+    keypoints = torch.rand(n, 21, 3, generator=torch.Generator().manual_seed(seed))
+    keypoints[..., :2] = keypoints[..., :2] * 0.6 + 0.2
+    keypoints[..., 2] = 1
+    return keypoints
+
+
+def perturb_modulation(net, seed=0):
+    """Random weights in every modulation layer (zero at initialisation), the rest untouched."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [m for m in net.modules() if isinstance(m, PoseModulation)]
+    assert layers
+    with torch.no_grad():
+        for p in (p for layer in layers for p in layer.parameters()):
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return net
+
+
+def test_spade_unet_has_a_modulation_after_every_residual_norm_by_closed_form():
+    cond = spade(maps="both", hidden=5, kernel=3)
+    net = small(cond)
+    assert net.init_conv.in_channels == 3 and cond.input_channels == 0  # the maps do not enter x_t
+    assert n_params(net) == closed_form_params(8, [1, 2], heads=2, dim_head=8, spade=(41, 5, 3))
+    blocks = [m for m in net.modules() if isinstance(m, Block)]
+    assert all(isinstance(b.modulation, PoseModulation) for b in blocks)
+    assert len(blocks) == 2 * (2 * 2 + 2 + 2 * 2 + 1)  # 2 per residual block: down, middle, up, final
+    # A conditioner without the hook (or returning None) adds nothing: no module, no key.
+    for plain in (small(NoCondition(role="denoiser")), small(ConcatConditioner(role="denoiser", image_size=32))):
+        assert all(b.modulation is None for b in plain.modules() if isinstance(b, Block))
+        assert not any("modulation" in k for k in plain.state_dict())
+
+
+def test_zero_initialised_spade_unet_is_exactly_the_unmodulated_unet():
+    torch.manual_seed(0)
+    plain, cond = small(NoCondition(role="denoiser")), spade()
+    net = small(cond)
+    result = net.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys and result.missing_keys
+    assert all(".modulation." in k for k in result.missing_keys)
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([2.0, 400.0, 990.0])
+    maps = cond.condition({"keypoints": visible_keypoints(3)})
+    with torch.no_grad():
+        assert torch.equal(net(x, t, maps), plain(x, t, None))
+    # Training can leave the identity: every gamma and beta gets a gradient in the first step.
+    net(x, t, maps).square().mean().backward()
+    layers = [m for m in net.modules() if isinstance(m, PoseModulation)]
+    assert all(conv.weight.grad.abs().sum() > 0 for layer in layers for conv in (layer.gamma, layer.beta))
+    with torch.no_grad():
+        assert not torch.equal(perturb_modulation(net)(x, t, maps), plain(x, t, None))
+
+
+def test_the_modulation_acts_between_the_norm_and_the_time_scale_and_shift():
+    torch.manual_seed(1)
+    cond = spade(hidden=4, kernel=1)
+    block = Block(5, 6, modulation=cond.denoiser_modulation(6))
+    perturb_modulation(block)
+    x, maps = torch.randn(2, 5, 16, 16), cond.condition({"keypoints": visible_keypoints(2)})
+    scale, shift = torch.randn(2, 6, 1, 1), torch.randn(2, 6, 1, 1)
+    m = F.interpolate(maps, size=(16, 16), mode="bilinear", antialias=True)  # 32 px maps at 16 px
+    mod = block.modulation
+    hidden = torch.relu(torch.einsum("nkhw,ck->nchw", m, mod.shared.weight[:, :, 0, 0])
+                        + mod.shared.bias[:, None, None])
+    gamma = torch.einsum("nkhw,ck->nchw", hidden, mod.gamma.weight[:, :, 0, 0]) + mod.gamma.bias[:, None, None]
+    beta = torch.einsum("nkhw,ck->nchw", hidden, mod.beta.weight[:, :, 0, 0]) + mod.beta.bias[:, None, None]
+    h = block.proj(x)
+    h = h / h.norm(dim=1, keepdim=True) * block.norm.g * 6 ** 0.5  # RMS norm over channels
+    expected = F.silu((h * (1 + gamma) + beta) * (scale + 1) + shift)
+    assert gamma.abs().mean() > 0.1 and beta.abs().mean() > 0.1
+    torch.testing.assert_close(block(x, (scale, shift), maps), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_spade_unet_output_depends_on_each_rows_keypoints_and_nothing_else():
+    torch.manual_seed(2)
+    cond = spade(maps="heatmaps")
+    net = perturb_modulation(small(cond)).eval()
+    x, t = torch.randn(1, 3, 32, 32).expand(4, -1, -1, -1), torch.full((4,), 300.0)
+    keypoints = visible_keypoints(4)
+    moved = keypoints.clone()
+    moved[2, :, :2] = 1 - moved[2, :, :2]  # row 2 takes another pose
+    with torch.no_grad():
+        a, b = net(x, t, cond.condition({"keypoints": keypoints})), net(x, t, cond.condition({"keypoints": moved}))
+        torch.testing.assert_close(a[[0, 1, 3]], b[[0, 1, 3]], rtol=0, atol=1e-6)
+        assert (a[2] - b[2]).abs().max() > 1e-2
+        assert (a[0] - a[1]).abs().max() > 1e-2  # one x_t, two poses: two outputs
+        # The null pose carries no keypoints: any two poses dropped give one output.
+        all_rows = torch.ones(4, dtype=torch.bool)
+        null_a = net(x, t, cond.drop(cond.condition({"keypoints": keypoints}), all_rows))
+        null_b = net(x, t, cond.drop(cond.condition({"keypoints": moved}), all_rows))
+        assert torch.equal(null_a, null_b)
+        torch.testing.assert_close(null_a[0], null_a[3], rtol=0, atol=1e-6)
+
+
+def test_spade_drop_is_the_null_pose_and_guidance_at_scale_1_is_the_conditional_prediction():
+    torch.manual_seed(3)
+    cond = spade()
+    net = perturb_modulation(small(cond)).eval()
+    maps = cond.condition({"keypoints": visible_keypoints(2)})
+    dropped = cond.drop(maps, torch.tensor([False, True]))
+    assert dropped[0].equal(maps[0]) and maps[1].abs().sum() > 0 and dropped[1].abs().sum() == 0
+    schedule, x, t = Schedule("cosine", 1000), torch.randn(2, 3, 32, 32), torch.tensor([100.0, 700.0])
+    a, s = schedule.coefficients(t, x)
+    with torch.no_grad():
+        c, u = net(x, t, maps), net(x, t, torch.zeros_like(maps))
+        assert (c - u).abs().max() > 1e-2
+        for scale, expected in [(1.0, c), (2.0, 2 * c - u)]:
+            predict = predictor(net, schedule, "pred_v", maps, conditioner=cond, guidance_scale=scale, clip=False)
+            x0, eps = to_x0_eps("pred_v", x, expected, a, s)
+            got = predict(x, t)
+            torch.testing.assert_close(got[0], x0, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[1], eps, rtol=1e-4, atol=1e-5)
+
+
+def test_validate_accepts_the_quickstart_with_spade(host):
+    recipe = load_recipe(REPO / "recipes" / "diffusion_quickstart.toml", ["model.conditioner.name=spade"], host=host)
+    assert (recipe.model["denoiser"].name, recipe.model["conditioner"].name) == ("unet", "spade")
+    assert recipe.model["conditioner"].config == SpadeConfig(maps="limbs")
 
 
 @pytest.mark.parametrize("slot,table,message", [
     ("denoiser", {"name": "deep_conv"}, "model.denoiser: backbone 'deep_conv' serves the generator and discriminator"),
-    ("conditioner", {"name": "spade"}, "model.conditioner: conditioner 'spade' serves the generator and pose_transfer roles, not the denoiser"),
+    ("conditioner", {"name": "cadain"},
+     "model.conditioner: conditioner 'cadain' serves the generator role, not the denoiser"),
 ])
 def test_validate_rejects_gan_parts_in_diffusion(tmp_path, slot, table, message):
     raw = {"name": "r", "output_dir": str(tmp_path / "runs"), "task": {"name": "diffusion"},

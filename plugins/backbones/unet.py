@@ -12,8 +12,11 @@ Normalisation follows the peer exactly (so its state_dict loads into ours): RMS 
 with a learned gain (``normalize(x) * g * sqrt(C)``) in the blocks and around the attention.
 
 Conditions come from the conditioner (``role="denoiser"``): ``input_channels``/``merge_input``
-(pose maps concatenated to x_t, ``concat``) and ``denoiser_embedding(dim)`` (a vector added to the
-time embedding: the class embedding of ``cbn``, with the null class for guidance).
+(pose maps concatenated to x_t, ``concat``), ``denoiser_embedding(dim)`` (a vector added to the
+time embedding: the class embedding of ``cbn``, with the null class for guidance) and, when it has
+one, ``denoiser_modulation(channels)``: a layer ``forward(h, cond)`` after the RMS norm of every
+residual block's two convolutions, before the time scale and shift (where SPADE puts its
+modulation: ``spade``). A conditioner without it adds no module, so the state_dict is the peer's.
 """
 import math
 
@@ -79,14 +82,17 @@ class LearnedFourier(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, dropout: float = 0.0):
+    def __init__(self, dim_in: int, dim_out: int, dropout: float = 0.0, modulation=None):
         super().__init__()
         self.proj = nn.Conv2d(dim_in, dim_out, 3, padding=1)
         self.norm = RMSNorm(dim_out)
+        self.modulation = modulation  # None is a plain attribute: the peer's state_dict is unchanged
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, scale_shift=None):
+    def forward(self, x, scale_shift=None, cond=None):
         x = self.norm(self.proj(x))
+        if self.modulation is not None:
+            x = self.modulation(x, cond)
         if scale_shift is not None:
             scale, shift = scale_shift
             x = torch.addcmul(shift, x, scale + 1)
@@ -94,16 +100,18 @@ class Block(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, time_dim: int, dropout: float = 0.0):
+    def __init__(self, dim_in: int, dim_out: int, time_dim: int, dropout: float = 0.0, modulation=None):
+        """``modulation(channels) -> nn.Module | None``: the conditioner's layer after each norm."""
         super().__init__()
+        modulation = modulation or (lambda channels: None)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, dim_out * 2))
-        self.block1 = Block(dim_in, dim_out, dropout)
-        self.block2 = Block(dim_out, dim_out)
+        self.block1 = Block(dim_in, dim_out, dropout, modulation(dim_out))
+        self.block2 = Block(dim_out, dim_out, modulation=modulation(dim_out))
         self.res_conv = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
-    def forward(self, x, temb):
+    def forward(self, x, temb, cond=None):
         scale_shift = self.mlp(temb)[:, :, None, None].chunk(2, dim=1)
-        return self.block2(self.block1(x, scale_shift)) + self.res_conv(x)
+        return self.block2(self.block1(x, scale_shift, cond), cond=cond) + self.res_conv(x)
 
 
 class LinearAttention(nn.Module):
@@ -191,13 +199,14 @@ class Unet(nn.Module):
         self.time_mlp = nn.Sequential(features, nn.Linear(feat_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
         embed = getattr(conditioner, "denoiser_embedding", None)
         self.cond_embed = embed(time_dim) if embed is not None else None
+        modulation = getattr(conditioner, "denoiser_modulation", None)  # optional in the contract
         last = len(in_out) - 1
 
         def attention(dim, full):
             return (FullAttention if full else LinearAttention)(dim, c.attn_heads, c.attn_dim_head, c.mem_kv)
 
         def res(a, b):
-            return ResBlock(a, b, time_dim, c.dropout)
+            return ResBlock(a, b, time_dim, c.dropout, modulation)
 
         self.downs = nn.ModuleList([
             Stage(res(a, a), res(a, a), attention(a, i == last),
@@ -225,21 +234,21 @@ class Unet(nn.Module):
             temb = temb + self.cond_embed(cond)
         skips = []
         for s in self.downs:
-            x = s.block1(x, temb)
+            x = s.block1(x, temb, cond)
             skips.append(x)
-            x = s.block2(x, temb)
+            x = s.block2(x, temb, cond)
             x = s.attn(x) + x
             skips.append(x)
             x = s.resample(x)
-        x = self.mid_block1(x, temb)
+        x = self.mid_block1(x, temb, cond)
         x = self.mid_attn(x) + x
-        x = self.mid_block2(x, temb)
+        x = self.mid_block2(x, temb, cond)
         for s in self.ups:
-            x = s.block1(torch.cat([x, skips.pop()], dim=1), temb)
-            x = s.block2(torch.cat([x, skips.pop()], dim=1), temb)
+            x = s.block1(torch.cat([x, skips.pop()], dim=1), temb, cond)
+            x = s.block2(torch.cat([x, skips.pop()], dim=1), temb, cond)
             x = s.attn(x) + x
             x = s.resample(x)
-        x = self.final_res_block(torch.cat([x, r], dim=1), temb)
+        x = self.final_res_block(torch.cat([x, r], dim=1), temb, cond)
         return self.final_conv(x)
 
 

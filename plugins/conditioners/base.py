@@ -39,6 +39,10 @@ is duck-typed; subclass :class:`Conditioner` to inherit the unconditional defaul
     (N, dim) vector the U-Net adds to its time embedding (None when there is none), and ``cond``
     with the null condition on the rows of the (N,) bool ``mask`` (classifier-free guidance). The
     denoiser also reads ``input_channels``/``merge_input`` (channels concatenated to x_t).
+``conditioner.denoiser_modulation(channels) -> nn.Module | None``
+    denoiser side, optional: a layer ``forward(h, cond) -> h`` applied after each norm of the
+    denoiser's residual blocks (``spade``: h * (1 + gamma) + beta from the pose maps at h's
+    resolution, zero at initialisation); None (the default) adds nothing.
 ``conditioner.map_channels``
     pose-transfer side (``role="pose_transfer"``, the pose_transfer task): the channels of the
     maps ``condition`` makes; the generator re-injects the target's maps through ``norm``
@@ -153,6 +157,9 @@ class Conditioner:
         return x
 
     def denoiser_embedding(self, dim: int):
+        return None
+
+    def denoiser_modulation(self, channels: int):
         return None
 
     def drop(self, cond, mask):

@@ -6,9 +6,12 @@ is those (N, K, H, W) maps, aligned with the image (``spatial = True``), so a ge
 augmentation can move them with the image.
 
 - ``spade`` (generator): every norm layer is SPADE (Park et al. 2019), a parameter-free
-  BatchNorm whose per-pixel gain and bias are predicted from the maps.
-- ``concat`` (discriminator): the maps are concatenated to the image as extra input channels;
-  the head is the plain linear one.
+  BatchNorm whose per-pixel gain and bias are predicted from the maps. On a denoiser
+  (``denoiser_modulation``) the gain and bias act after each norm the denoiser already has.
+- ``concat`` (discriminator, denoiser): the maps are concatenated to the image (x_t) as extra
+  input channels; the head is the plain linear one.
+
+On a denoiser both give the null pose for classifier-free guidance as all-zero maps (``drop``).
 
 The conditioner interface is described in :mod:`handforge.plugins.conditioners.base`.
 """
@@ -55,18 +58,18 @@ class SpadeConfig(PoseMapsConfig):
 # -- layers -------------------------------------------------------------------------------------
 
 
-class Spade(nn.Module):
-    """SPADE (Park et al. 2019): BatchNorm(affine=False)(x) * (1 + gamma(m)) + beta(m).
+class PoseModulation(nn.Module):
+    """Features modulated per pixel by pose maps: x * (1 + gamma(m)) + beta(m).
 
     ``m`` are the conditioning maps resized to x's resolution; gamma and beta are convolutions on
     a shared conv + ReLU of ``m``. Gamma and beta start at zero, so at initialisation the layer is
-    plain BatchNorm and the pose comes in as training finds it useful.
+    the identity and the pose comes in as training finds it useful. This is SPADE's modulation
+    without its norm: a diffusion U-Net applies it after the norm it already has.
     """
 
     def __init__(self, num_features: int, map_channels: int, hidden: int = 64, kernel: int = 3):
         super().__init__()
         self.map_channels = map_channels
-        self.bn = nn.BatchNorm2d(num_features, affine=False)
         self.shared = nn.Conv2d(map_channels, hidden, kernel, padding=kernel // 2)
         self.gamma = nn.Conv2d(hidden, num_features, kernel, padding=kernel // 2)
         self.beta = nn.Conv2d(hidden, num_features, kernel, padding=kernel // 2)
@@ -75,14 +78,28 @@ class Spade(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(self, x, cond):
-        if cond is None or cond.ndim != 4 or cond.shape[1] != self.map_channels:
+        if cond is None or cond.ndim != 4 or cond.shape[0] != x.shape[0] or cond.shape[1] != self.map_channels:
             got = None if cond is None else tuple(cond.shape)
-            raise HandforgeError(f"conditioner 'spade': expected (N, {self.map_channels}, H, W) maps, got {got}")
+            raise HandforgeError(f"conditioner 'spade': expected (N, {self.map_channels}, H, W) maps with "
+                                 f"N = {x.shape[0]}, the features' batch, got {got}")
         m = resize_maps(cond, x.shape[-2:]).to(x.dtype)
         if x.is_contiguous(memory_format=torch.channels_last):
             m = m.contiguous(memory_format=torch.channels_last)  # keep every conv in x's layout
         h = F.relu(self.shared(m))
-        return self.bn(x) * (1 + self.gamma(h)) + self.beta(h)
+        return x * (1 + self.gamma(h)) + self.beta(h)
+
+
+class Spade(PoseModulation):
+    """SPADE (Park et al. 2019): BatchNorm(affine=False)(x) * (1 + gamma(m)) + beta(m), the
+    modulation of :class:`PoseModulation` on parameter-free BatchNorm; at initialisation plain
+    BatchNorm."""
+
+    def __init__(self, num_features: int, map_channels: int, hidden: int = 64, kernel: int = 3):
+        super().__init__(num_features, map_channels, hidden, kernel)
+        self.bn = nn.BatchNorm2d(num_features, affine=False)
+
+    def forward(self, x, cond):
+        return super().forward(self.bn(x), cond)
 
 
 # -- conditioners -------------------------------------------------------------------------------
@@ -111,24 +128,30 @@ class _PoseConditioner(Conditioner):
         cfg = self.config
         return make_maps(keypoints, self.image_size, cfg.maps, cfg.sigma, cfg.limb_width)
 
+    def drop(self, cond, mask):
+        # The null pose: all-zero maps on the dropped rows (classifier-free guidance).
+        return cond * (~mask.to(cond.device)).to(cond.dtype)[:, None, None, None]
+
 
 class SpadeConditioner(_PoseConditioner):
-    """SPADE generator norms (Park et al. 2019) modulated per pixel by keypoint heatmaps / limb maps."""
+    """SPADE generator norms (Park et al. 2019) modulated per pixel by keypoint heatmaps / limb maps;
+    on a denoiser, the same modulation after each of its own norms."""
 
-    name, roles, config_cls = "spade", ("generator", "pose_transfer"), SpadeConfig
+    name, roles, config_cls = "spade", ("generator", "pose_transfer", "denoiser"), SpadeConfig
 
     def norm(self, num_features: int) -> nn.Module:
         return Spade(num_features, self.map_channels, self.config.hidden, self.config.kernel)
+
+    def denoiser_modulation(self, channels: int) -> nn.Module:
+        # The maps enter through the modulation only (input_channels stays 0): at initialisation
+        # the denoiser is exactly the unconditional network, and the pose comes in as it is learnt.
+        return PoseModulation(channels, self.map_channels, self.config.hidden, self.config.kernel)
 
 
 class ConcatConditioner(_PoseConditioner):
     """Keypoint heatmaps / limb maps concatenated to the discriminator's input image."""
 
     name, roles = "concat", ("discriminator", "denoiser", "pose_transfer")
-
-    def drop(self, cond, mask):
-        # The null pose: all-zero maps on the dropped rows (classifier-free guidance).
-        return cond * (~mask.to(cond.device)).to(cond.dtype)[:, None, None, None]
 
     @property
     def input_channels(self) -> int:
