@@ -46,6 +46,22 @@ class Dataset(Protocol):
 
 
 @runtime_checkable
+class StreamingDataset(Dataset, Protocol):
+    """A dataset that can also be read front to back, for ``train.read = "stream"`` (optional; the
+    recipe is refused when the dataset has no ``stream``). ``stream(rank, world, epoch, shuffle)``
+    returns a ``torch.utils.data.IterableDataset`` of process ``rank``'s share (of ``world``) of
+    epoch ``epoch``: the shares of all ranks hold each sample once; the stream splits its share
+    again over DataLoader workers (``torch.utils.data.get_worker_info()``); ``shuffle`` mixes the
+    order by the epoch. It must be a function of its arguments and the dataset's options (no
+    global RNG), so that a resumed run reads what an uninterrupted one did. Samples are as
+    ``dataset[i]``'s; the map-style reading stays in use for sample 0, sample grids and metrics.
+    Optional on the stream: ``skipped() -> dict[str, int]``, what it left out so far in this
+    process by kind (bad data under ``on_error = "skip"``): the loop logs the counts."""
+
+    def stream(self, rank: int, world: int, epoch: int, shuffle: bool) -> torch.utils.data.IterableDataset: ...
+
+
+@runtime_checkable
 class LabelledDataset(Dataset, Protocol):
     """A dataset that provides ``label``: ``class_names[label]`` names each class id."""
 

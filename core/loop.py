@@ -8,19 +8,22 @@ import json
 import math
 import pathlib
 import time
+from collections import Counter
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, send_to_device, set_seed
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager, save_weights
+from .contracts import StreamingDataset, missing_on_instance
 from .data import build_loader, check_sample, first_samples
-from .errors import HandforgeError, NonFiniteLossError
+from .errors import ContractError, HandforgeError, NonFiniteLossError
 from .fileio import atomic_write_bytes
 from .imaging import save_grid
 from .plugin_manager import get_host
 from .run_paths import check_run_dir, run_folder, run_path
+from .stream import StreamBatches
 from .task import RunContext
 from .toml_writer import dump as dump_toml
 
@@ -98,6 +101,20 @@ def _check_finite(logs: dict, step: int, accelerator, last_checkpoint) -> None:
         raise NonFiniteLossError(f"step {step}: non-finite loss {terms}; run stopped ({kept})")
 
 
+def _data_state(stream) -> dict:
+    """Where the training data is, for a checkpoint: batches consumed, and with a stream every
+    process's position in it (a collective: every process calls it)."""
+    state = {"batches": stream.consumed}
+    if isinstance(stream, StreamBatches):
+        state["stream"] = gather_object([stream.position()])
+    return state
+
+
+def _skipped(stream) -> dict:
+    """What the streams of all processes skipped so far, by kind (a collective with several)."""
+    return dict(sum((Counter(c) for c in gather_object([dict(stream.skipped)])), Counter()))
+
+
 def _write_run_files(recipe, host, run_dir: pathlib.Path) -> None:
     dump_toml(recipe.to_dict(), run_path(run_dir, "recipe.toml"))
     lines = sorted({f"{p.dist}=={p.version}" if p.dist else f"{p.name}  # local file" for p in host.plugins
@@ -173,9 +190,8 @@ class Trainer:
                 acc.print(f"resumed from {latest} at step {state['step']}")
             else:
                 acc.print(f"resume=true but {self.checkpoints.dir} has no checkpoint: starting from step 0")
-        loader = build_loader(dataset, cfg.batch_size, recipe.seed, cfg.num_workers,
-                              rank=acc.process_index, num_replicas=acc.num_processes)
-        stream = self.stream = BatchStream(loader, acc.device, consumed=state["batches"])
+        stream, warning = self._batches(dataset, state)
+        self.stream = stream
         run.next_batch = stream.next
         fixed_batch = send_to_device(first_samples(dataset, SAMPLE_GRID_SIZE), acc.device)
 
@@ -183,6 +199,9 @@ class Trainer:
             run_path(self.run_dir, "tensorboard", TRACKER_PROJECT)  # the tracker writes below it
             acc.init_trackers(TRACKER_PROJECT)
         log = MetricsLog(acc, run_path(self.run_dir, "metrics.jsonl"), cfg.tensorboard)
+        if warning:
+            acc.print(f"warning: {warning}")
+            log.write({"step": state["step"], "type": "warning", "message": warning}, state["step"])
         last_checkpoint = self.checkpoints.latest()
         status = "failed"
         self.hooks.on_run_start(run=run)
@@ -198,6 +217,34 @@ class Trainer:
                 acc.end_training()
             self.hooks.on_run_end(run=run, status=status)
         return run
+
+    def _batches(self, dataset, state):
+        """The training batches of this process: read by index (``train.read = "index"``) or from
+        the dataset's stream; and a warning when a resumed stream cannot continue exactly."""
+        acc, recipe, cfg = self.accelerator, self.recipe, self.recipe.train
+        if cfg.read == "index":
+            loader = build_loader(dataset, cfg.batch_size, recipe.seed, cfg.num_workers,
+                                  rank=acc.process_index, num_replicas=acc.num_processes)
+            return BatchStream(loader, acc.device, consumed=state["batches"]), None
+        if missing_on_instance(dataset, [StreamingDataset]):  # a factory function: known only now
+            data = recipe.data
+            raise ContractError(f"train.read: \"stream\" needs a dataset with a stream(rank, world, epoch, shuffle) "
+                                f"method; dataset '{data.name}' ({data.entry.origin}): the run trains on a "
+                                f"{type(dataset).__name__}, which has none")
+        positions, warning, position = state.get("stream"), None, None
+        if positions is not None and len(positions) == acc.num_processes:
+            position = positions[acc.process_index]
+        elif state["step"]:
+            # Saved by another number of processes (or read by index): each process's share differs.
+            epoch = min(p["epoch"] for p in positions) if positions else 0
+            saved = f"by {len(positions)} process(es)" if positions else "without stream positions"
+            warning = (f"the checkpoint of step {state['step']} was saved {saved}; with {acc.num_processes} the "
+                       f"stream starts epoch {epoch} over, so this resumed run is not the uninterrupted one")
+            skipped = sum((Counter(p["skipped"]) for p in positions or []), Counter())
+            position = {"epoch": epoch, "skipped": dict(skipped) if acc.is_main_process else {}}
+        return StreamBatches(dataset, cfg.batch_size, recipe.seed, cfg.num_workers, acc.device,
+                             rank=acc.process_index, world=acc.num_processes, position=position,
+                             consumed=state["batches"]), warning
 
     def _steps(self, run, stream, fixed_batch, state, log, last_checkpoint):
         acc, cfg = self.accelerator, self.recipe.train
@@ -216,6 +263,9 @@ class Trainer:
                 elapsed = time.perf_counter() - start_time
                 record = {"step": step, "type": "train", **values,
                           "samples_per_s": (step - start_step) * cfg.batch_size * acc.num_processes / elapsed}
+                if isinstance(stream, StreamBatches):  # bad data the streams left out, all processes
+                    kinds = _skipped(stream)
+                    record.update(skipped=sum(kinds.values()), **({"skipped_kinds": kinds} if kinds else {}))
                 log.write(record, step)
                 progress.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
             if (cfg.sample_every and step % cfg.sample_every == 0) or final:
@@ -224,7 +274,7 @@ class Trainer:
             if evaluate:
                 self._evaluate(run, step, state, log)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or final:
-                state.update(step=step, batches=stream.consumed)
+                state.update(step=step, **_data_state(stream))
                 last_checkpoint = self.checkpoints.save(run.task, state)
                 self.hooks.on_checkpoint_saved(run=run, step=step, path=last_checkpoint)
         progress.close()
@@ -255,7 +305,7 @@ class Trainer:
         if best_name and best_name in values:
             value, best = values[best_name], state.get("best")
             if best is None or (value < best if mode == "min" else value > best):
-                state.update(best=value, best_step=step, step=step, batches=self.stream.consumed)
+                state.update(best=value, best_step=step, step=step, **_data_state(self.stream))
                 self.checkpoints.save(run.task, state, name="best")
 
 

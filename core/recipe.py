@@ -15,7 +15,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
-from .contracts import check_built
+from .contracts import StreamingDataset, check_built, missing_on_class
 from .errors import HandforgeError, RecipeError
 from .registry import Entry, did_you_mean
 
@@ -174,6 +174,8 @@ class TrainConfig:
     steps: int = attrs.field(default=1000, validator=at_least(1))
     batch_size: int = attrs.field(default=64, validator=at_least(1))
     num_workers: int = attrs.field(default=0, validator=at_least(0))
+    # "index": a sampler over dataset[i]; "stream": the dataset's stream() (handforge.contracts.StreamingDataset)
+    read: Literal["index", "stream"] = "index"
     log_every: int = attrs.field(default=50, validator=at_least(1))
     sample_every: int = attrs.field(default=0, validator=at_least(0))
     checkpoint_every: int = attrs.field(default=0, validator=at_least(0))
@@ -462,10 +464,23 @@ def resolve(raw: dict, source=None, host=None) -> Recipe:
                     f"{component.path}: {component.entry.kind} '{component.name}' needs field "
                     f"{', '.join(repr(f) for f in missing)}; dataset '{data.name}' provides: {', '.join(sorted(provided))}")
 
+    if data is not None and train.read == "stream":
+        r.problems.extend(stream_problems(data))
+
     if r.problems:
         raise RecipeError(r.problems, source=source)
     return Recipe(source, name, seed, output_dir, resume, resolved_plugins, task, data, model, train,
                   evaluation, metrics)
+
+
+def stream_problems(data: Component) -> list[str]:
+    """``train.read = "stream"`` with a dataset class that has no ``stream`` method (a factory
+    function's dataset is checked when the run builds it)."""
+    factory = data.entry.factory
+    if not isinstance(factory, type) or not missing_on_class(factory, [StreamingDataset]):
+        return []
+    return [f"train.read: \"stream\" needs a dataset with a stream(rank, world, epoch, shuffle) method; dataset "
+            f"'{data.name}' ({data.entry.origin}) has none (read = \"index\" reads it by index)"]
 
 
 def declared_roles(entry) -> tuple | None:

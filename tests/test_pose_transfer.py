@@ -230,6 +230,7 @@ def test_the_tar_recipes_validate_and_run_two_steps_on_fixtures(tmp_path, layout
         fx.synthsl(root, size=256)
     else:
         fx.bosphorus(root)
+        (root / "train" / "0009.9.009.tar.gz").write_bytes(b"not a shard")  # skipped and counted, in the log
     recipe = REPO / "recipes" / f"pose_transfer_{layout}.toml"
     assert run_cli("validate", recipe, f"data.root={root}").returncode == 0
     result = run_cli("run", recipe, f"data.root={root}", f"output_dir={tmp_path / 'runs'}", "train.steps=2",
@@ -237,7 +238,12 @@ def test_the_tar_recipes_validate_and_run_two_steps_on_fixtures(tmp_path, layout
                      "model.generator.ch=4", "model.generator.ch_max=16", "model.discriminator.ch=4",
                      "model.g_conditioner.hidden=4", timeout=900)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "runs" / f"pose_transfer_{layout}" / "weights" / "generator.safetensors").is_file()
+    run = tmp_path / "runs" / f"pose_transfer_{layout}"
+    assert (run / "weights" / "generator.safetensors").is_file()
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["step"] == 2 and final["skipped"] == (layout == "bosphorus")  # read as a stream (the recipe's)
+    if layout == "bosphorus":
+        assert final["skipped_kinds"] == {"damaged shard": 1}
 
 
 def tiny(root, **train):

@@ -3,12 +3,12 @@ one signing sequence, from tar shards (layouts in :mod:`.layouts`, member readin
 
 Two ways to read the same samples:
 
-- :class:`TarPairs` is a map-style dataset (what the run loop's sampler and the metrics index):
+- :class:`TarPairs` is a map-style dataset (what ``train.read = "index"`` samples and the metrics index):
   building it scans each shard once for where every sample's members are (a plain tar header by
   header, a ``.tar.gz`` decompressed once), and ``dataset[i]`` then reads just those bytes;
 - :meth:`TarPairs.stream` is an ``IterableDataset`` over the same shards read front to back, split
   across ranks and DataLoader workers, through a shuffle buffer: the fast path for compressed
-  shards, which cannot be read at random cheaply.
+  shards, which cannot be read at random cheaply (``train.read = "stream"``, the shipped recipes').
 
 Keypoint pickles go through :mod:`handforge.safe_pickle` only (numpy arrays, nothing run). The
 ``webdataset`` library is not used: its default ``.pkl`` decoder is ``pickle.loads``, and what we
@@ -17,6 +17,7 @@ over ``tarfile``'s forward-only stream mode.
 """
 from __future__ import annotations
 
+import copy
 import io
 import pathlib
 import random
@@ -103,6 +104,7 @@ class TarPairs(torch.utils.data.Dataset):
         self.points = points[N_KEYPOINTS:] if config.hand == "right" else points[:N_KEYPOINTS]
         self.image_size = config.size
         self.bad = BadData(f"{self.name} {self.root}", config.on_error)
+        self.stream_bad = BadData(f"{self.name} {self.root} (stream)", config.on_error)  # what streams skip
         self.shards = self.layout.shards(self.root, split)
         self._reference_bytes = self._read_references()
         self._references: OrderedDict = OrderedDict()
@@ -271,8 +273,13 @@ class TarPairs(torch.utils.data.Dataset):
     def stream(self, rank: int = 0, world: int = 1, epoch: int = 0, shuffle: bool = True) -> "TarStream":
         if self.config.reference != "base":
             raise DataError(f"{self.name}: reference = {self.config.reference!r} picks frames at random and needs "
-                            f"the map-style reading; a stream pairs each frame with its sequence's base frame")
-        return TarStream(self, rank, world, epoch, shuffle)
+                            f"the map-style reading (train.read = \"index\"); a stream pairs each frame with its "
+                            f"sequence's base frame")
+        # Streams count what they skip apart from the map-style reads (TarStream.skipped), all
+        # streams of this dataset together (one summary at exit, and counts that only grow).
+        view = copy.copy(self)
+        view.bad = self.stream_bad
+        return TarStream(view, rank, world, epoch, shuffle)
 
     def iter_groups(self, reader: int, readers: int, epoch: int, shuffle: bool):
         """This reader's samples as undecoded ``(sequence, image bytes, keypoint bytes, where)``,
@@ -329,7 +336,10 @@ class BosphorusPairs(TarPairs):
 class TarStream(torch.utils.data.IterableDataset):
     """:meth:`TarPairs.stream`: the samples of one rank, split over the DataLoader's workers and
     mixed through a shuffle buffer of ``shuffle_buffer`` samples (held encoded, decoded as they
-    leave it). ``set_epoch`` reshuffles."""
+    leave it). ``set_epoch`` reshuffles. ``skipped()`` counts, by kind, what the dataset's streams
+    left out so far in this process (damaged shards, refused members, undecodable samples); each
+    pass through a stream ends with that summary on stderr (a DataLoader worker's counts would not
+    outlive the worker)."""
 
     def __init__(self, pairs: TarPairs, rank: int, world: int, epoch: int, shuffle: bool):
         if not 0 <= rank < world:
@@ -338,6 +348,9 @@ class TarStream(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skipped(self) -> dict[str, int]:
+        return dict(self.pairs.bad.counts)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -361,3 +374,4 @@ class TarStream(torch.utils.data.IterableDataset):
             sample = self.pairs.decode(group)
             if sample is not None:
                 yield sample
+        self.pairs.bad.print_summary()
