@@ -10,7 +10,8 @@
    reconstruction error (degrees, mean and 95th percentile) from the posterior mean, KL; for
    ``--samples`` poses sampled at temperature 1 and 0.8: share of joints within procedural_hands'
    anatomical limits, diversity (mean pairwise distance of the 90-D vectors) and precision / recall /
-   density / coverage against the test poses (:func:`handforge.prdc.prdc`, k = 5).
+   density / coverage against the test poses (:func:`handforge.prdc.prdc`, k = 5); the mean energy
+   (negative ELBO) of every set under the prior, uniform noise included.
 
 Beside them, the same measures of a Gaussian fitted to the training poses (mean and full
 covariance of the 90 values), the simplest prior, and of the test poses themselves (limits,
@@ -72,8 +73,9 @@ def diversity(x: torch.Tensor) -> float:
     return float(d.sum() / (len(x) * (len(x) - 1)))
 
 
-def sample_row(name, samples, test):
-    row = {"set": name, "limits": limits_share(samples), "diversity": diversity(samples)}
+def sample_row(name, samples, test, task):
+    row = {"set": name, "limits": limits_share(samples), "diversity": diversity(samples),
+           "energy": float(task.energy(samples).mean())}
     row.update(prdc(test, samples, k=5) if samples is not test else {})
     return row
 
@@ -106,21 +108,28 @@ def main():
         post = task.posterior(test)
         joint = post["joint_deg"].flatten().double()
         generator = torch.Generator().manual_seed(1)
-        rows = [sample_row("test poses (the data)", test, test),
-                sample_row("VAE samples, T = 1", task.sample_poses(args.samples, 1.0, generator), test),
-                sample_row("VAE samples, T = 0.8", task.sample_poses(args.samples, 0.8, generator), test)]
+        rows = [sample_row("test poses (the data)", test, test, task),
+                sample_row("VAE samples, T = 1", task.sample_poses(args.samples, 1.0, generator), test, task),
+                sample_row("VAE samples, T = 0.8", task.sample_poses(args.samples, 0.8, generator), test, task)]
         mean, cov = train.double().mean(0), torch.cov(train.double().T) + 1e-6 * torch.eye(90, dtype=torch.float64)
         gaussian = torch.distributions.MultivariateNormal(mean, cov).sample((args.samples,)).float()
-        rows.append(sample_row("Gaussian fit to train (baseline)", gaussian, test))
+        rows.append(sample_row("Gaussian fit to train (baseline)", gaussian, test, task))
+        rows.append(sample_row("uniform in [-1, 1] per value", torch.rand(args.samples, 90) * 2 - 1, test, task))
+        report = json.loads((tmp / "hand_prior" / "final" / "report.json").read_text())
     print(f"fixture: {args.frames} frames of handshape poses in {args.frames // FRAMES_PER_SEQUENCE} sequences; "
           f"trained {args.steps} steps x {args.batch} (hidden {args.hidden}) in {train_s:.0f} s on CPU")
     print(f"\ntest split ({len(test)} poses): per-joint geodesic reconstruction error {joint.mean():.2f} deg mean, "
           f"{torch.quantile(joint, 0.95):.2f} deg p95; KL {post['kl'].mean():.2f} nats; energy {post['energy'].mean():.3f}")
-    keys = ("limits", "diversity", "precision", "recall", "density", "coverage")
+    print("the run's own report (final/report.json, 1024 poses spread over each split): " + "; ".join(
+        f"{split} {report[split]['rec_deg']:.2f} deg (p95 {report[split]['rec_deg_p95']:.2f}), KL {report[split]['kl']:.2f}, "
+        f"energy {report[split]['energy']:.3f}, precision {report[split]['precision']:.3f}, "
+        f"recall {report[split]['recall']:.3f}" for split in ("val", "test") if split in report))
+    keys = ("energy", "limits", "diversity", "precision", "recall", "density", "coverage")
     print("\n| set | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
     for row in rows:
         print(f"| {row['set']} | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys) + " |")
-    print("\nlimits: share of joints within procedural_hands' anatomical limits; diversity: mean pairwise L2 of "
+    print("\nenergy: mean negative ELBO under the prior (reconstruction at the posterior mean + beta x KL); "
+          "limits: share of joints within procedural_hands' anatomical limits; diversity: mean pairwise L2 of "
           "the 90-D axis-angle vectors; PRDC against the test poses, k = 5")
     print(json.dumps({"rec_deg": float(joint.mean()), "rec_deg_p95": float(torch.quantile(joint, 0.95))}))
 

@@ -17,13 +17,13 @@ from attrs.validators import ge, in_, le
 
 from handforge import hookimpl
 from handforge.errors import HandforgeError
+from handforge.pose_files import load_poses
 
 from . import counter_rng as rng
 from . import kinematics as kin
 from . import raster, scene
 from .creases import crease_params
 from .handshapes import ANGLE_HI, ANGLE_LO, ANGLE_NOISE, CLASS_SETS, PALM_VIEW, ClassSet
-from .poses_file import load_poses
 
 BACKGROUNDS = ("mixed", "solid", "gradient", "noise", "clutter")
 VIEWS = ("gestures", "palm")
@@ -101,7 +101,7 @@ class ProceduralHands(torch.utils.data.Dataset):
         self._reference_key = rng.stream(config.seed, part + 4)
         self._identity_key = rng.stream(config.seed, 2)
         self._crease_key = rng.stream(config.seed, 7)  # the palm view's creases, per identity
-        self.file_poses = load_poses(config.poses_file) if config.poses_file else None
+        self.file_poses = load_poses(config.poses_file, "poses_file") if config.poses_file else None
 
     def __len__(self) -> int:
         return self.config.length
