@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from handforge.data import check_sample
 from handforge.errors import DataError
 from handforge.plugins.datasets.hand_poses import HandPoses, HandPosesConfig
 from handforge.plugins.datasets.mocap_poses import read_sequence
@@ -169,8 +170,9 @@ def test_hand_poses_dataset_shapes_and_batches(tmp_path):
     np.testing.assert_array_equal(sample.numpy(), np.concatenate([left[4], right[4]]))
     batch = data.batch([8, 0, 3, 3, -1])
     np.testing.assert_array_equal(batch.numpy(), np.concatenate([left, right], 1)[[8, 0, 3, 3, 8]])
-    rows = data.__getitems__([2, 1])
-    assert [r["hand_pose90"].shape for r in rows] == [(90,), (90,)]
+    rows = data.__getitems__([2, 1])  # the sample contract, as one batch
+    assert list(rows) == ["hand_pose90"]
+    np.testing.assert_array_equal(rows["hand_pose90"].numpy(), np.concatenate([left, right], 1)[[2, 1]])
     with pytest.raises(IndexError, match="hand_poses"):
         data.batch([9])
 
@@ -186,6 +188,111 @@ def test_hand_poses_standardized_with_train_statistics(tmp_path):
     expected = (np.concatenate([np.load(tmp_path / "val/left.npy"), np.load(tmp_path / "val/right.npy")], 1)
                 - raw.mean(0)) / raw.std(0)
     np.testing.assert_allclose(val.batch(np.arange(30)).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+SOURCES = ["CMU", "GRAB", "arctic"]
+
+
+def write_labelled(root, splits):
+    """write_prepared with source and frame values that differ from the row index (so a mix-up shows)."""
+    write_prepared(root, splits)
+    for split, n in splits.items():
+        np.save(root / split / "source.npy", ((np.arange(n) * 5 + 1) % 3).astype(np.int16))
+        np.save(root / split / "frame.npy", (1000 + 37 * np.arange(n) % 101).astype(np.int32))
+    (root / "dataset_metadata.json").write_text(json.dumps({"sources": SOURCES}))
+
+
+def load(root, split):
+    return {name: np.load(root / split / f"{name}.npy") for name in ("left", "right", "source", "frame")}
+
+
+def test_hand_poses_return_dict_raw(tmp_path):
+    write_labelled(tmp_path, {"train": 40, "val": 13})
+    data = HandPoses(HandPosesConfig(root=str(tmp_path), return_dict=True), "val")
+    a, rows = load(tmp_path, "val"), [12, 0, 5, 5, -2]
+    wanted = [12, 0, 5, 5, 11]
+    batch = data.batch(rows)
+    assert set(batch) == {"lhand_pose", "rhand_pose", "x90", "dataset_name", "frame_idx"}  # no mean/std
+    np.testing.assert_array_equal(batch["lhand_pose"].numpy(), a["left"][wanted])
+    np.testing.assert_array_equal(batch["rhand_pose"].numpy(), a["right"][wanted])
+    np.testing.assert_array_equal(batch["x90"].numpy(), np.concatenate([a["left"], a["right"]], 1)[wanted])
+    assert batch["dataset_name"] == [SOURCES[int(a["source"][i])] for i in wanted]
+    assert batch["frame_idx"].dtype == torch.int64 and batch["frame_idx"].tolist() == a["frame"][wanted].tolist()
+    assert {k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)} == {
+        "lhand_pose": (5, 45), "rhand_pose": (5, 45), "x90": (5, 90), "frame_idx": (5,)}
+    # The option picks batch()'s default; the sample contract stays hand_pose90 either way.
+    assert torch.equal(data.batch(rows, return_dict=False), batch["x90"])
+    assert set(data[3]) == {"hand_pose90"} and set(data.__getitems__(rows)) == {"hand_pose90"}
+    check_sample(data.__getitems__(rows), "hand_poses", batched=True)
+    check_sample(data[3], "hand_poses")
+
+
+def test_hand_poses_return_dict_standardized_with_train_statistics(tmp_path):
+    write_labelled(tmp_path, {"train": 200, "val": 10, "test": 7})  # 200: three whole tiles of 64 and 8 rows
+    train = load(tmp_path, "train")
+    raw_train = np.concatenate([train["left"], train["right"]], 1).astype(np.float64)
+    mean, std = raw_train.mean(0).astype(np.float32), raw_train.std(0).astype(np.float32)
+    for split in ("train", "val", "test"):
+        data = HandPoses(HandPosesConfig(root=str(tmp_path), standardize=True), split)
+        a = load(tmp_path, split)
+        rows = np.random.default_rng(2).permutation(len(data))
+        batch = data.batch(rows, return_dict=True)
+        assert set(batch) == {"lhand_pose", "rhand_pose", "x90", "dataset_name", "frame_idx", "mean", "std"}
+        np.testing.assert_array_equal(batch["mean"].numpy(), mean)
+        np.testing.assert_array_equal(batch["std"].numpy(), std)
+        raw = np.concatenate([a["left"], a["right"]], 1)[rows]
+        # Bit for bit the float32 (x - mean) / std; the raw halves stay raw.
+        np.testing.assert_array_equal(batch["x90"].numpy(), (raw - mean) / std)
+        np.testing.assert_array_equal(batch["lhand_pose"].numpy(), a["left"][rows])
+        np.testing.assert_array_equal(data.batch(rows).numpy(), (raw - mean) / std)
+        np.testing.assert_array_equal(data.__getitems__(rows)["hand_pose90"].numpy(), (raw - mean) / std)
+        np.testing.assert_array_equal(data[int(rows[1])]["hand_pose90"].numpy(), ((raw - mean) / std)[1])
+        assert batch["dataset_name"] == [SOURCES[int(a["source"][i])] for i in rows]
+
+
+def test_hand_poses_batch_loader_one_gather_per_batch(tmp_path):
+    from handforge.plugins.datasets.hand_poses import batch_loader
+    write_prepared(tmp_path, {"train": 50, "val": 9})
+    data = HandPoses(HandPosesConfig(root=str(tmp_path), standardize=True), "train")
+    everything = data.batch(np.arange(50)).numpy()
+    loader = batch_loader(data, batch_size=16, shuffle=True, seed=3)
+    epochs = [[b.numpy() for b in loader] for _ in range(2)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [16, 16, 16, 2]
+        seen = np.concatenate(batches)
+        order = [int(np.flatnonzero((everything == row).all(1))[0]) for row in seen]
+        assert sorted(order) == list(range(50)) and order != list(range(50))  # each pose once, shuffled
+    assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))  # a new order each epoch
+    again = batch_loader(data, batch_size=16, shuffle=True, seed=3)
+    np.testing.assert_array_equal(np.concatenate(list(again)), np.concatenate(epochs[0]))  # (seed, epoch) fix it
+    plain = list(batch_loader(data, batch_size=16, drop_last=True, return_dict=True))
+    assert len(plain) == 3 and plain[1]["frame_idx"].tolist() == list(range(16, 32))
+    np.testing.assert_array_equal(plain[1]["x90"].numpy(), everything[16:32])
+
+
+def test_hand_poses_pickles_the_folder_not_the_arrays(tmp_path):
+    import pickle
+    write_prepared(tmp_path, {"train": 2000, "val": 9})
+    data = HandPoses(HandPosesConfig(root=str(tmp_path), standardize=True), "train")
+    blob = pickle.dumps(data)
+    assert len(blob) < 20_000  # 2000 x 90 float32 would be 720 kB
+    copy = pickle.loads(blob)
+    assert torch.equal(copy.batch([7, 1999, 0]), data.batch([7, 1999, 0]))
+
+
+def test_hand_poses_refuses_bad_indices_splits_and_sources(tmp_path):
+    write_labelled(tmp_path, {"train": 6, "val": 4})
+    data = HandPoses(HandPosesConfig(root=str(tmp_path)), "val")
+    with pytest.raises(IndexError, match="hand_poses: index -5 out of range for 4"):
+        data.batch([0, -5])
+    with pytest.raises(IndexError, match="integers, got float64"):
+        data.batch(np.array([0.0, 1.0]))
+    assert data.batch([]).shape == (0, 90)
+    with pytest.raises(DataError, match="split must be one of train, val, test"):
+        HandPoses(HandPosesConfig(root=str(tmp_path)), "holdout")
+    np.save(tmp_path / "val" / "source.npy", np.array([0, 1, 3, 2], dtype=np.int16))
+    with pytest.raises(DataError, match=r"val/source\.npy: values 0\.\.3, but dataset_metadata\.json lists 3"):
+        HandPoses(HandPosesConfig(root=str(tmp_path)), "val")
 
 
 def test_hand_poses_refuses_wrong_layout(tmp_path):
