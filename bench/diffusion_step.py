@@ -15,6 +15,8 @@ Both run in one process, so under the same glibc allocator settings (``--allocat
 handforge's own, see bench/_allocator.py). ``--profile``: one training step of each under
 ``torch.profiler`` (CPU), split by category (bench/_step_profile.py), side by side.
 Needs the benchmark-only extra: pip install -c constraints.txt denoising-diffusion-pytorch
+(it pulls a torchvision wheel built for another torch; the peer is imported with stand-ins for it, and
+a broken torchvision makes Lightning fail to import, so remove it afterwards: pip uninstall torchvision)
 """
 import argparse
 import pathlib
