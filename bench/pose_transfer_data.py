@@ -3,7 +3,7 @@ loop of the seed project's kind, and the batched SSIM against scikit-image's, in
 
     python bench/pose_transfer_data.py [--frames 600] [--size 256] [--clips 6] [--clip-frames 10]
                                        [--ssim-images 64] [--threads 1] [--ssim-threads 1 2] [--reps 3]
-                                       [--json]
+                                       [--only reading|ssim] [--json]
 
 Reading: a temporary folder receives a SynthSL-layout shard set (``--frames`` frames of ``--size``
 px PNG in ``training.tar`` with keypoint pickles and the depth/segmentation/normal members, plus the
@@ -218,25 +218,32 @@ def main(argv=None) -> None:
     parser.add_argument("--ssim-threads", dest="ssim_threads", type=int, nargs="+", default=[1, 2],
                         help="torch threads of our SSIM, one row each (skimage: always 1)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each reading run; the best is kept")
+    parser.add_argument("--only", choices=("reading", "ssim"), help="run one of the two benchmarks")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = pathlib.Path(tmp)
-        write_synthsl(root / "synthsl", args.frames, args.size)
-        write_bosphorus(root / "bosphorus", args.clips, args.clip_frames)
-        rows = reading_rows(root, args)
-    ssim_rows = [ssim_row(args, threads) for threads in args.ssim_threads]
+    rows, ssim_rows = [], []
+    if args.only != "ssim":
+        with tempfile.TemporaryDirectory() as tmp:
+            root = pathlib.Path(tmp)
+            write_synthsl(root / "synthsl", args.frames, args.size)
+            write_bosphorus(root / "bosphorus", args.clips, args.clip_frames)
+            rows = reading_rows(root, args)
+    if args.only != "reading":
+        ssim_rows = [ssim_row(args, threads) for threads in args.ssim_threads]
     if args.json:
         print(json.dumps({"reading": rows, "ssim": ssim_rows}, indent=2))
         return
-    print(f"reading ({args.size} px outputs, {args.threads} torch thread(s)):")
-    print("| layout | frames | shards MB | seed loop frames/s | ours (index) frames/s | ours (stream) frames/s "
-          "| index / seed | stream / seed |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['layout']} | {r['frames']} | {r['shard_mb']} | {r['seed_fps']:.1f} | {r['index_fps']:.1f} | "
-              f"{r['stream_fps']:.1f} | {r['index_fps'] / r['seed_fps']:.2f} | {r['stream_fps'] / r['seed_fps']:.2f} |")
+    if rows:
+        print(f"reading ({args.size} px outputs, {args.threads} torch thread(s)):")
+        print("| layout | frames | shards MB | seed loop frames/s | ours (index) frames/s | ours (stream) frames/s "
+              "| index / seed | stream / seed |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['layout']} | {r['frames']} | {r['shard_mb']} | {r['seed_fps']:.1f} | {r['index_fps']:.1f} | "
+                  f"{r['stream_fps']:.1f} | {r['index_fps'] / r['seed_fps']:.2f} | {r['stream_fps'] / r['seed_fps']:.2f} |")
+    if not ssim_rows:
+        return
     print(f"\nSSIM ({args.ssim_images} pairs of {args.size} px; skimage on 1 thread, 16 pairs):")
     print("| our threads | ours img/s | skimage img/s | ours / skimage | max abs difference |")
     print("|---|---|---|---|---|")

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from handforge.keypoint_math import box_masks, hand_boxes
+from handforge.plugins.metrics import paired_math
 from handforge.plugins.metrics.paired_math import (laplacian_variance, paired_scores, psnr,
                                                    ssim)
 
@@ -42,8 +43,31 @@ def test_ssim_equals_scikit_image_per_image(one_thread):
     a, b = noisy_pairs()
     ours = ssim(as_tensor(a), as_tensor(b)).numpy()
     theirs = np.array([sk_ssim(x, y) for x, y in zip(a, b)])
-    assert np.abs(ours - theirs).max() < 1e-4
+    assert np.abs(ours - theirs).max() < 1e-6
     assert ours[0] == pytest.approx(1.0, abs=1e-6) and ours[3] < 0.95
+
+
+def test_ssim_of_flat_images_equals_scikit_image(one_thread):
+    # flat colours far from mid-range: the variances are differences of large blurred squares there
+    colours = [((0, 0, 0), (0, 0, 0)), ((7, 200, 13), (250, 13, 0)), ((255, 255, 255), (254, 1, 128)),
+               ((128, 60, 3), (129, 61, 90))]
+    a = np.stack([np.broadcast_to(np.uint8(ca), (33, 37, 3)) for ca, _ in colours])
+    b = np.stack([np.broadcast_to(np.uint8(cb), (33, 37, 3)) for _, cb in colours])
+    ours = ssim(as_tensor(a), as_tensor(b)).numpy()
+    theirs = np.array([sk_ssim(x, y) for x, y in zip(a, b)])
+    assert np.abs(ours - theirs).max() < 1e-6
+    assert ours[0] == 1.0 and ours[1] < 0.2
+
+
+def test_ssim_in_chunks_equals_ssim_in_one_piece(one_thread, monkeypatch):
+    a, b = noisy_pairs(n=5, h=30, w=24, seed=3)
+    whole = ssim(as_tensor(a), as_tensor(b).float())  # uint8 beside float, channels-last beside not
+    monkeypatch.setattr(paired_math, "CHUNK_PIXELS", 2 * 30 * 24)  # chunks of 2, 2 and 1 images
+    chunked = paired_math.ssim_map(as_tensor(a).contiguous(), as_tensor(b).float())
+    assert chunked.shape == (5, 3, 20, 14)
+    assert torch.allclose(chunked.mean(dim=(1, 2, 3)), whole, atol=1e-7, rtol=0)
+    theirs = np.array([sk_ssim(x, y) for x, y in zip(a, b)])
+    assert np.abs(chunked.mean(dim=(1, 2, 3)).numpy() - theirs).max() < 1e-6
 
 
 def test_psnr_equals_scikit_image_and_identical_images_are_infinite():
