@@ -138,8 +138,11 @@ class CheckpointManager:
         acc.wait_for_everyone()
         return final
 
-    def load(self, task, path: pathlib.Path) -> dict:
-        """Restore models, optimizers, RNG states and the task's extras; return the train state."""
+    def load(self, task, path: pathlib.Path, resume: bool = True) -> dict:
+        """Restore models, optimizers, RNG states and the task's extras; return the train state.
+        ``resume=False`` (a run loaded to generate or evaluate, perhaps by another number of
+        processes than trained it): the RNG state files are not required, since nothing continues
+        the run's random stream."""
         path = pathlib.Path(path)
         state_file = path / TRAIN_STATE
         if not state_file.is_file():
@@ -147,7 +150,7 @@ class CheckpointManager:
         try:
             train_state = json.loads(state_file.read_text())
             # Every process checks every process's file, so that all of them stop together.
-            for index in range(self.accelerator.num_processes):
+            for index in range(self.accelerator.num_processes if resume else 0):
                 check_rng_states(rng_state_file(path, index))
             self.accelerator.load_state(str(path))
             task.load_state_dict(load_file(str(path / TASK_STATE)))

@@ -111,5 +111,5 @@ def load_run(run_dir, split: str = "val", device=None, host=None, checkpoint: st
     if checkpoint in (None, "weights"):
         _load_weights(run, folder)
     else:
-        CheckpointManager(accelerator, run_dir, keep_last=1).load(run.task, folder)
+        CheckpointManager(accelerator, run_dir, keep_last=1).load(run.task, folder, resume=False)
     return run

@@ -51,6 +51,27 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(script, *args, env=None, timeout=600):
+    """``accelerate launch`` of ``script args`` as two CPU processes (gloo DDP, one thread each, a
+    free port); returns the CompletedProcess."""
+    import subprocess
+
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(script), *map(str, args)]
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
 def debug_launch_in_fresh_python(module: str, function: str, timeout=600):
     """``accelerate.debug_launcher(module.function, num_processes=2)`` from a new interpreter.
 

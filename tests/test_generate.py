@@ -223,21 +223,11 @@ def test_generate_command_line(label_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_split_the_export_and_write_the_same_files(label_run, tmp_path):
     # `accelerate launch` (fresh processes: a fork of this one can hang in OpenMP, see conftest).
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-    from test_multiprocess import free_port
+    from conftest import REPO, launch_two_processes
 
     export(label_run, tmp_path / "one")
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(REPO / "run.py"), "generate", str(label_run), "--per-class", "2", "--batch-size", "5",
-               "--workers", "2", "--no-progress", "--out", str(tmp_path / "two")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(REPO / "run.py", "generate", label_run, "--per-class", "2", "--batch-size", "5",
+                                  "--workers", "2", "--no-progress", "--out", tmp_path / "two")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["images"]) == 2 * FINGERSPELLING

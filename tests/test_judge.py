@@ -480,20 +480,15 @@ def test_real_pip_against_an_unreachable_index(tmp_path, monkeypatch, capsys):
 def test_two_processes_judge_their_shares_and_agree(fake_judge, tmp_path):
     """The quickstart's pose GAN under `accelerate launch` with 2 processes: each judges its share of
     13 fakes (6 and 7) in its own worker; the gathered numbers are those of all 13, in order."""
-    from conftest import REPO
-    from test_multiprocess import free_port
+    from conftest import REPO, launch_two_processes
 
     found = np.array(shifted(0.0))
     fake_judge({}, default={"keypoints": found.tolist(), "handedness": "Left", "score": 0.9})
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     metric = '{name = "hand_detector", num_samples = 13, batch_size = 4}'
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(REPO / "run.py"), "run", str(REPO / "recipes" / "quickstart.toml"),
-               f"output_dir={tmp_path / 'runs'}", "train.steps=2", "train.batch_size=4", "train.progress=false",
-               "train.tensorboard=false", "eval.every=2", f"eval.metrics=[{metric}]"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(REPO / "run.py", "run", REPO / "recipes" / "quickstart.toml",
+                                  f"output_dir={tmp_path / 'runs'}", "train.steps=2", "train.batch_size=4",
+                                  "train.progress=false", "train.tensorboard=false", "eval.every=2",
+                                  f"eval.metrics=[{metric}]")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()]
     (record,) = [r for r in records if r.get("type") == "eval"]

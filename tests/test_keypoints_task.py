@@ -4,9 +4,6 @@ keypoint_report on the same predictions, overlays, and a short run that lowers t
 and keeps a best checkpoint that reproduces its evaluation."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import accelerate
 import numpy as np
@@ -16,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from scipy.spatial.distance import jensenshannon
 
-from conftest import REPO
+from conftest import REPO, launch_two_processes
 from handforge.errors import HandforgeError
 from handforge.imaging import save_grid
 from handforge.plugins.backbones.keypoint_nets import SimpleCnnConfig, build_simple_cnn
@@ -305,16 +302,10 @@ def test_two_processes_agree_on_the_metrics(tmp_path):
     both the same metrics, which are the ones of one process evaluating the final weights alone."""
     plugin = tmp_path / "eval_report.py"
     plugin.write_text(PLUGIN)
-    accelerate_bin = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "KEYPOINTS_TEST_DIR": str(tmp_path)}
-    from test_multiprocess import free_port
-
-    command = [accelerate_bin, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(REPO / "run.py"), "run", str(RECIPE), f"output_dir={tmp_path / 'runs'}", *SMALL,
-               "task.val_samples=7", "train.steps=8", "eval.every=8", "train.checkpoint_every=0", "task.lr=5e-3",
-               f"plugins=[{json.dumps(str(plugin))}]"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(REPO / "run.py", "run", RECIPE, f"output_dir={tmp_path / 'runs'}", *SMALL,
+                                  "task.val_samples=7", "train.steps=8", "eval.every=8", "train.checkpoint_every=0",
+                                  "task.lr=5e-3", f"plugins=[{json.dumps(str(plugin))}]",
+                                  env={"KEYPOINTS_TEST_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"eval_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]

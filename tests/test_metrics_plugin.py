@@ -415,20 +415,11 @@ def test_cached_reference_with_another_key_is_refused(finished_run, monkeypatch)
 def test_two_processes_gather_to_the_same_numbers(tmp_path):
     # Fresh processes from `accelerate launch`: debug_launcher forks, and a fork of a process whose
     # OpenMP pool has run (any earlier test) can hang in the child's first parallel region.
-    import os
-    import subprocess
-    import sys
 
-    from conftest import REPO
-    from test_multiprocess import free_port
+    from conftest import REPO, launch_two_processes
 
     judge = tiny_judge(tmp_path / "judge.safetensors")
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(REPO / "tests" / "two_process_metrics.py"), str(tmp_path), str(tmp_path / "judge.safetensors")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(REPO / "tests" / "two_process_metrics.py", tmp_path, tmp_path / "judge.safetensors")
     # The rank that failed first is the cause; the other only reports its peer going away.
     failing = [line for line in result.stderr.splitlines() if line.startswith("[rank1]")]
     assert result.returncode == 0, "\n".join(failing[-40:]) + "\n" + result.stderr[-2000:]

@@ -2,16 +2,14 @@
 run through the real loop: on procedural pairs, on SynthSL and Bosphorus tar fixtures, under
 2-process DDP, and killed and resumed to bit-identical weights."""
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, launch_two_processes, run_cli
 from handforge.keypoint_math import box_masks, hand_boxes
 from handforge.toml_writer import dumps
 
@@ -281,15 +279,8 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
 
 
 def test_two_processes_train_the_same_weights(tmp_path):
-    from test_multiprocess import free_port
-
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     recipe = write(tmp_path / "r.toml", tiny(tmp_path, steps=3, checkpoint_every=3))
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(REPO / "run.py"), "run", str(recipe)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(REPO / "run.py", "run", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "tiny_pose_transfer"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -2,9 +2,7 @@
 epoch, a new order each epoch, DataLoader workers, validation of the option, skip counts in the
 log, and an interrupted run resumed to bit-identical weights."""
 import json
-import os
 import pathlib
-import subprocess
 import sys
 from collections import Counter
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, cli_exit
+from conftest import REPO, cli_exit, launch_two_processes
 from handforge import hookimpl
 from handforge.errors import RecipeError
 from handforge.loop import Trainer
@@ -201,16 +199,9 @@ def test_resuming_without_stream_positions_warns_in_the_log(tmp_path, one_thread
 
 
 def test_two_processes_share_the_stream_and_checkpoint_both_positions(tmp_path):
-    from test_multiprocess import free_port
-
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     recipe = tmp_path / "r.toml"
     recipe.write_text(dumps(raw_recipe(tmp_path, steps=3, checkpoint_every=3, batch_size=4)))
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(REPO / "run.py"), "run", str(recipe)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(REPO / "run.py", "run", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "toy"
     state = json.loads((run / "checkpoints/step_00000003/train_state.json").read_text())
