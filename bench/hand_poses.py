@@ -3,9 +3,10 @@
     python bench/hand_poses.py [--files 500] [--frames 400] [--repeats 15] [--parts abc]
 
 (a) ``handforge prepare mocap`` over a synthetic tree of ``--files`` AMASS SMPL+H ``.npz`` files of
-    ``--frames`` frames each: frames scanned per second (reading, splitting, writing included).
+    ``--frames`` frames each: frames scanned per second (reading, splitting, writing the raw and the
+    standardized rows included).
 (b) Batches of 8192 standardized ``hand_pose90`` from the prepared train split: ``HandPoses.batch``
-    (one gather from the memory maps, random rows) and ``batch_loader`` (the DataLoader over index
+    (one gather of the rows ``prepare`` standardized, random rows, on torch's threads) and ``batch_loader`` (the DataLoader over index
     arrays the Lightning datamodule uses, a shuffled epoch) beside the seed's kind of loader, a
     map-style Dataset whose ``__getitem__`` builds one sample's dict (lhand_pose, rhand_pose, x90,
     standardized) and a ``torch.utils.data.DataLoader`` that collates 8192 of them, in the same run.

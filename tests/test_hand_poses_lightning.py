@@ -61,9 +61,15 @@ def test_test_split_as_the_seed_dict(tmp_path):
     a = load(tmp_path, "test")
     assert sum((b["dataset_name"] for b in batches), []) == [SOURCES[s] for s in a["source"]]
     np.testing.assert_array_equal(torch.cat([b["x90"] for b in batches]).numpy(), standardized(tmp_path, "test"))
-    np.testing.assert_array_equal(batches[0]["mean"].numpy(), data.statistics[0])
+    train = load(tmp_path, "train")
+    mean = np.concatenate([train["left"], train["right"]], 1).astype(np.float64).mean(0).astype(np.float32)
+    np.testing.assert_array_equal(batches[0]["mean"].numpy(), mean)
 
 
 def test_prepare_data_names_a_folder_prepare_did_not_write(tmp_path):
     with pytest.raises(DataError, match="not a prepared mocap folder.*handforge prepare mocap"):
         HandPosesDataModule(tmp_path / "nowhere").prepare_data()
+    write_labelled(tmp_path, {"train": 10, "val": 5, "test": 3}, standardized=False)
+    with pytest.raises(DataError, match=r"standardization\.json: missing.*standardize = false"):
+        HandPosesDataModule(tmp_path, standardize=True).prepare_data()
+    HandPosesDataModule(tmp_path, standardize=False).prepare_data()

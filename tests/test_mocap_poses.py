@@ -12,6 +12,7 @@ import torch
 from handforge.data import check_sample
 from handforge.errors import DataError
 from handforge.plugins.datasets.hand_poses import HandPoses, HandPosesConfig
+from handforge.pose_standardization import write_standardization
 from handforge.plugins.datasets.mocap_poses import read_sequence
 
 RNG = np.random.default_rng(0)
@@ -149,7 +150,8 @@ def test_unknown_layouts_refused(tmp_path):
         read_sequence(tmp_path / "m.npy")
 
 
-def write_prepared(root, splits):
+def write_prepared(root, splits, standardized=True):
+    """A prepared folder written by hand (raw arrays), plus prepare's standardized rows when asked."""
     for split, n in splits.items():
         folder = root / split
         folder.mkdir(parents=True)
@@ -158,6 +160,8 @@ def write_prepared(root, splits):
         np.save(folder / "source.npy", (np.arange(n) % 2).astype(np.int16))
         np.save(folder / "frame.npy", np.arange(n, dtype=np.int32))
     (root / "dataset_metadata.json").write_text(json.dumps({"sources": ["CMU", "GRAB"]}))
+    if standardized:
+        write_standardization(root, list(splits))
 
 
 def test_hand_poses_dataset_shapes_and_batches(tmp_path):
@@ -193,9 +197,9 @@ def test_hand_poses_standardized_with_train_statistics(tmp_path):
 SOURCES = ["CMU", "GRAB", "arctic"]
 
 
-def write_labelled(root, splits):
+def write_labelled(root, splits, standardized=True):
     """write_prepared with source and frame values that differ from the row index (so a mix-up shows)."""
-    write_prepared(root, splits)
+    write_prepared(root, splits, standardized)
     for split, n in splits.items():
         np.save(root / split / "source.npy", ((np.arange(n) * 5 + 1) % 3).astype(np.int16))
         np.save(root / split / "frame.npy", (1000 + 37 * np.arange(n) % 101).astype(np.int32))
@@ -228,7 +232,7 @@ def test_hand_poses_return_dict_raw(tmp_path):
 
 
 def test_hand_poses_return_dict_standardized_with_train_statistics(tmp_path):
-    write_labelled(tmp_path, {"train": 200, "val": 10, "test": 7})  # 200: three whole tiles of 64 and 8 rows
+    write_labelled(tmp_path, {"train": 200, "val": 10, "test": 7})
     train = load(tmp_path, "train")
     raw_train = np.concatenate([train["left"], train["right"]], 1).astype(np.float64)
     mean, std = raw_train.mean(0).astype(np.float32), raw_train.std(0).astype(np.float32)
@@ -327,6 +331,51 @@ def test_prepare_mocap_splits_by_sequence_and_feeds_hand_poses(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out/train/left.npy"), np.load(tmp_path / "out2/train/left.npy"))
     data = HandPoses(HandPosesConfig(root=str(tmp_path / "out")), "train")
     assert data.batch([0]).shape == (1, 90)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])  # one pass, and many chunks with a ragged last one
+def test_prepare_mocap_writes_rows_standardized_with_train_statistics(tmp_path, monkeypatch, chunk):
+    import handforge.pose_standardization as standardization
+    if chunk:
+        monkeypatch.setattr(standardization, "CHUNK", chunk)
+    root = tmp_path / "mocap"
+    for d in ("CMU", "GRAB"):
+        (root / d).mkdir(parents=True)
+        for s in range(6):
+            full = poses(25, 156) * (1 + s) + s
+            full[:, 70] = 0.5  # a value constant everywhere: std 0, divided by 1
+            np.savez(root / d / f"seq{s}_poses.npz", poses=full, mocap_framerate=np.array(120.0))
+    prepare_mocap(root, tmp_path / "out", seed=3, total=300)
+    out = tmp_path / "out"
+    train = load(out, "train")
+    raw = np.concatenate([train["left"], train["right"]], 1).astype(np.float64)
+    mean, std = raw.mean(0), raw.std(0)
+    written = json.loads((out / "standardization.json").read_text())
+    np.testing.assert_allclose(written["mean"], mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.array(written["std"])[std > 0], std[std > 0], rtol=1e-6)
+    assert written["std"][70 - 66] == 1.0 and written["poses"] == len(raw)
+    m32, s32 = np.float32(written["mean"]), np.float32(written["std"])
+    for split in ("train", "val", "test"):
+        a = load(out, split)
+        rows = np.load(out / split / "x90_standardized.npy")
+        np.testing.assert_array_equal(rows, (np.concatenate([a["left"], a["right"]], 1) - m32) / s32)
+        data = HandPoses(HandPosesConfig(root=str(out), standardize=True), split)
+        pick = np.random.default_rng(0).integers(0, len(data), 9)
+        np.testing.assert_array_equal(data.batch(pick).numpy(), rows[pick])
+
+
+def test_hand_poses_standardized_needs_what_prepare_writes(tmp_path):
+    write_prepared(tmp_path, {"train": 20, "val": 5}, standardized=False)
+    HandPoses(HandPosesConfig(root=str(tmp_path)), "val")  # raw reads need no statistics
+    with pytest.raises(DataError, match=r"standardization\.json: missing.*prepare the folder again"):
+        HandPoses(HandPosesConfig(root=str(tmp_path), standardize=True), "val")
+    write_standardization(tmp_path, ["train", "val"])
+    np.save(tmp_path / "val/x90_standardized.npy", np.zeros((4, 90), np.float32))
+    with pytest.raises(DataError, match=r"val/x90_standardized\.npy: expected \(5, 90\) float32"):
+        HandPoses(HandPosesConfig(root=str(tmp_path), standardize=True), "val")
+    (tmp_path / "standardization.json").write_text(json.dumps({"mean": [0.0] * 90, "std": [1.0] * 89}))
+    with pytest.raises(DataError, match=r"standardization\.json: 'std' must be 90 finite numbers"):
+        HandPoses(HandPosesConfig(root=str(tmp_path), standardize=True), "train")
 
 
 # -- prepare mocap: priority table, --fps, --drop-flat / --drop-static, determinism -------------
@@ -559,7 +608,7 @@ def test_rerun_writes_identical_bytes(tmp_path):
     for name in ("a", "b"):
         prepare_mocap(root, tmp_path / name, seed=7, total=300, filters=filters)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 13
+    assert len(files) == 17  # 3 splits x (4 arrays + standardized rows), metadata, statistics
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     prepare_mocap(root, tmp_path / "c", seed=8, total=300, filters=filters)

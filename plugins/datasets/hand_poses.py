@@ -4,7 +4,9 @@ Layout: ``DIR/<split>/left.npy`` (N, 45) float32, ``right.npy`` (N, 45) float32,
 (N,) int16 (an index into ``DIR/dataset_metadata.json`` ``"sources"``), ``frame.npy`` (N,) int32.
 Arrays are memory-mapped plain ``.npy`` files (no pickles are read). Each sample is
 ``hand_pose90`` (90,): left 45 then right 45. With ``standardize = true`` poses are
-``(x - mean) / std`` with the train split's statistics, whichever split is read.
+``(x - mean) / std`` with the train split's statistics, whichever split is read: the rows
+``prepare mocap`` standardized once (``DIR/<split>/x90_standardized.npy``, statistics in
+``DIR/standardization.json``; see ``handforge.pose_standardization``).
 
 Two faces, one gather: ``dataset[i]`` / ``__getitems__`` follow handforge's sample contract
 (``hand_pose90``, what the tasks read); ``batch(indices)`` gives the (B, 90) tensor, or with
@@ -21,13 +23,12 @@ import numpy as np
 import torch
 
 from handforge import hookimpl
-from handforge.data import SPLITS, check_index, require_finite
+from handforge.data import SPLITS, check_index
 from handforge.errors import DataError
+from handforge.pose_standardization import open_standardized, read_statistics
 
 ARRAYS = {"left": ((45,), np.float32), "right": ((45,), np.float32),
           "source": ((), np.int16), "frame": ((), np.int32)}
-MIN_STD = 1e-6  # a joint value constant over the train split: divide by 1, not by ~0
-TILE = 64  # rows standardized per inner loop (see InPlaceStandardize)
 READABLE_SPLITS = (*SPLITS, "test")  # the run loop asks for train / val; prepare also writes test
 
 
@@ -75,43 +76,10 @@ def read_sources(root: pathlib.Path) -> list[str]:
     return [str(s) for s in meta["sources"]]
 
 
-def train_statistics(root: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-    train = read_split(root, "train")
-    if len(train["left"]) == 0:
-        raise DataError(f"{root / 'train'}: empty, no statistics to standardize with")
-    x = np.concatenate([train["left"], train["right"]], axis=1).astype(np.float64)
-    require_finite(x, str(root / "train"), axes=("frame", "value"))
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    return mean.astype(np.float32), np.where(std < MIN_STD, 1.0, std).astype(np.float32)
-
-
-class InPlaceStandardize:
-    """``x[:] = (x - mean) / std`` on a (B, 90) float32 block, bit for bit that float32 expression.
-
-    numpy runs a (90,) operand broadcast over B rows as B inner loops of 90 values; viewing TILE
-    rows as one row of TILE * 90 values, against mean and std tiled as often, runs B / TILE loops
-    of 5760 values instead (2-3x faster on the batch of 8192; same operations, same numbers)."""
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray):
-        self.mean, self.std = mean, std
-        self.mean_rows, self.std_rows = np.tile(mean, TILE), np.tile(std, TILE)
-
-    def __call__(self, x: np.ndarray) -> None:
-        whole = len(x) // TILE * TILE
-        body, rest = x[:whole].reshape(-1, TILE * x.shape[1]), x[whole:]
-        np.subtract(body, self.mean_rows, out=body)
-        np.divide(body, self.std_rows, out=body)
-        np.subtract(rest, self.mean, out=rest)
-        np.divide(rest, self.std, out=rest)
-
-
 class HandPoses(torch.utils.data.Dataset):
-    """Left + right MANO hand poses (90 values) from a prepared mocap folder.
+    """Left + right MANO hand poses (90 values) from a prepared mocap folder."""
 
-    ``statistics`` (mean, std) skips recomputing the train statistics (the Lightning datamodule
-    opens three splits with one pair; a pickled copy carries its own)."""
-
-    def __init__(self, config: HandPosesConfig, split: str = "train", *, statistics=None):
+    def __init__(self, config: HandPosesConfig, split: str = "train"):
         if split not in READABLE_SPLITS:
             raise DataError(f"hand_poses: split must be one of {', '.join(READABLE_SPLITS)}, got {split!r}")
         if not config.root:
@@ -127,20 +95,18 @@ class HandPoses(torch.utils.data.Dataset):
         self._names = np.array(self.sources, dtype=object)  # source value -> name, in one take
         # Plain ndarray views of the maps: np.take on them skips the memmap subclass's wrapping.
         self._plain = {name: np.asarray(a) for name, a in self.arrays.items()}
-        self.mean = self.std = self._standardize = None
+        self.mean = self.std = self._standardized = None
         if config.standardize:
-            self._stats = statistics if statistics is not None else train_statistics(self.root)
-            self._standardize = InPlaceStandardize(*(np.asarray(a, dtype=np.float32) for a in self._stats))
-            self.mean, self.std = torch.from_numpy(self._standardize.mean), torch.from_numpy(self._standardize.std)
+            self.mean, self.std = (torch.from_numpy(a) for a in read_statistics(self.root))
+            self._standardized = torch.from_numpy(np.asarray(open_standardized(self.root, split, len(self))))
 
     def __getstate__(self) -> dict:
-        # A DataLoader worker started by spawn gets the folder and the statistics, not a copy of
-        # the mapped arrays (pickling a map would write out its whole content).
-        return {"config": self.config, "split": self.split,
-                "statistics": None if self.mean is None else self._stats}
+        # A DataLoader worker started by spawn gets the folder, not a copy of the mapped arrays
+        # (pickling a map would write out its whole content).
+        return {"config": self.config, "split": self.split}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["config"], state["split"], statistics=state["statistics"])
+        self.__init__(state["config"], state["split"])
 
     def __len__(self) -> int:
         return len(self.arrays["left"])
@@ -166,25 +132,23 @@ class HandPoses(torch.utils.data.Dataset):
         return np.take(self._plain[name], index, axis=0, mode="clip")
 
     def _x90(self, index: np.ndarray) -> torch.Tensor:
-        # numpy, one thread: torch's index_select / sub_ / div_ were ~20% faster on one thread, but
-        # with two threads on shared cores they fell to 0.1-0.4M poses/s (threads waiting on each
-        # other), and a loader should leave the intra-op threads to the model anyway.
+        if self._standardized is not None:
+            # Whole 360-byte rows from one map, on torch's intra-op threads (one in a DataLoader
+            # worker): 28-30M rows/s on two idle cores here, against 16M for np.take's one thread.
+            return self._standardized.index_select(0, torch.from_numpy(index))
         x90 = np.empty((len(index), 90), dtype=np.float32)
         x90[:, :45] = self._take("left", index)
         x90[:, 45:] = self._take("right", index)
-        if self._standardize is not None:
-            self._standardize(x90)
         return torch.from_numpy(x90)
 
     def _seed_dict(self, index: np.ndarray) -> dict:
         left, right = self._take("left", index), self._take("right", index)
-        x90 = np.concatenate((left, right), axis=1)
-        batch = {"lhand_pose": torch.from_numpy(left), "rhand_pose": torch.from_numpy(right),
-                 "x90": torch.from_numpy(x90),
+        standardized = self._standardized is not None
+        x90 = self._x90(index) if standardized else torch.from_numpy(np.concatenate((left, right), axis=1))
+        batch = {"lhand_pose": torch.from_numpy(left), "rhand_pose": torch.from_numpy(right), "x90": x90,
                  "dataset_name": self._names.take(self._take("source", index)).tolist(),
                  "frame_idx": torch.from_numpy(self._take("frame", index).astype(np.int64))}
-        if self._standardize is not None:
-            self._standardize(x90)
+        if standardized:
             batch["mean"], batch["std"] = self.mean.clone(), self.std.clone()
         return batch
 
@@ -227,7 +191,11 @@ class IndexBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         if self.shuffle:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(self.length)
+            # torch's permutation: 2x faster than numpy's, which at 8192 poses a batch was a quarter
+            # of a batch's cost. Seeded from (seed, epoch) alone, so any rank or restart agrees.
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence((self.seed, self.epoch))
+                                                          .generate_state(1, np.uint64)[0] >> 1))
+            order = torch.randperm(self.length, generator=generator).numpy()
         else:
             order = np.arange(self.length)
         self.epoch += 1

@@ -15,9 +15,9 @@ from __future__ import annotations
 import pathlib
 
 from handforge.errors import DataError
+from handforge.pose_standardization import read_statistics
 
-from .hand_poses import HandPoses, HandPosesConfig, READABLE_SPLITS, batch_loader, read_sources, read_split, \
-    train_statistics
+from .hand_poses import HandPoses, HandPosesConfig, READABLE_SPLITS, batch_loader, read_sources, read_split
 
 try:
     import lightning
@@ -29,8 +29,8 @@ SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test
 
 
 class HandPosesDataModule(lightning.LightningDataModule):
-    """``prepare_data`` checks the folder, ``setup(stage)`` opens the stage's splits (the train
-    statistics computed once, for every split), ``*_dataloader`` give batches of ``batch_size``."""
+    """``prepare_data`` checks the folder, ``setup(stage)`` opens the stage's splits (standardized
+    with the train statistics ``prepare mocap`` wrote), ``*_dataloader`` give batches of ``batch_size``."""
 
     def __init__(self, root, batch_size: int = 8192, standardize: bool = True, return_dict: bool = False,
                  seed: int = 0, drop_last: bool = False, num_workers: int = 0, eval_batch_size: int | None = None):
@@ -39,7 +39,6 @@ class HandPosesDataModule(lightning.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.seed, self.drop_last, self.num_workers = seed, drop_last, num_workers
         self.splits: dict[str, HandPoses] = {}
-        self.statistics = None  # (mean, std) of the train split when standardize
 
     def prepare_data(self) -> None:
         # Lightning calls this once (rank 0). Nothing to download: check that prepare wrote the folder.
@@ -50,13 +49,13 @@ class HandPosesDataModule(lightning.LightningDataModule):
         read_sources(root)
         for split in READABLE_SPLITS:
             read_split(root, split)
+        if self.config.standardize:
+            read_statistics(root)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.config.standardize and self.statistics is None:
-            self.statistics = train_statistics(pathlib.Path(self.config.root))
         for split in SPLITS_OF_STAGE.get(stage, READABLE_SPLITS):
             if split not in self.splits:
-                self.splits[split] = HandPoses(self.config, split, statistics=self.statistics)
+                self.splits[split] = HandPoses(self.config, split)
 
     def _loader(self, split: str, batch_size: int, train: bool):
         if split not in self.splits:

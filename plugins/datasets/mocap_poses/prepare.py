@@ -1,5 +1,6 @@
 """``handforge prepare mocap ROOT --out DIR``: hand poses of a tree of mocap sequences, split by
-sequence, sampled to per-priority targets, written as the memory-mappable arrays ``hand_poses`` reads.
+sequence, sampled to per-priority targets, written as the memory-mappable arrays ``hand_poses`` reads
+(with the train statistics and each split's standardized rows: ``handforge.pose_standardization``).
 
 A sequence's dataset is the first folder under ROOT (AMASS: CMU, KIT, ...; Motion-X subsets;
 GRAB, arctic). The priority table (``priorities.toml``, or ``--table``) gives each dataset a
@@ -22,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from handforge.errors import DataError, HandforgeError
+from handforge.pose_standardization import write_standardization
 
 from .common import read_sequence
 from .priorities import load_table
@@ -226,6 +228,8 @@ def prepare_mocap(root, out, split=(0.8, 0.1, 0.1), seed=0, total=None, on_error
         for k, name in enumerate(SPLIT_NAMES):
             rows = sorted(np.flatnonzero(split_of == k).tolist(), key=lambda i: sequences[i].rel)
             write_split(tmp / name, rows, sequences, chosen, datasets)
+        if meta["splits"]["train"]["frames"]:  # standardize = true reads these; no train poses, no statistics
+            write_standardization(tmp, SPLIT_NAMES)
         (tmp / "dataset_metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         if out.exists():
             out.rmdir()
