@@ -23,7 +23,8 @@ Frames/s counts decoded target frames (each with its reference and both keypoint
 SSIM: ``--ssim-images`` pairs of ``--size`` px images, ours in one batched call on each of
 ``--ssim-threads`` torch thread counts, scikit-image's ``structural_similarity`` (same settings: Gaussian 11 / 1.5, no
 sample covariance, per channel) in a loop on one thread. Goal: ours >= 5x. Best of 3 repetitions.
-(Ours runs its cache-sized chunks on one thread whatever the setting, see ``paired_math``.)
+(Ours runs each op on one thread and shares its cache-sized chunks out over the thread count as
+Python threads, see ``paired_math``.)
 """
 from __future__ import annotations
 

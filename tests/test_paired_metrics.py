@@ -70,6 +70,23 @@ def test_ssim_in_chunks_equals_ssim_in_one_piece(one_thread, monkeypatch):
     assert np.abs(chunked.mean(dim=(1, 2, 3)).numpy() - theirs).max() < 1e-6
 
 
+def test_ssim_chunks_shared_over_threads_equal_the_chunks_in_turn(monkeypatch):
+    a, b = noisy_pairs(n=7, h=30, w=24, seed=4)
+    monkeypatch.setattr(paired_math, "CHUNK_PIXELS", 30 * 24)  # one image a chunk, 7 chunks
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        in_turn = paired_math.ssim_map(as_tensor(a), as_tensor(b))
+        torch.set_num_threads(2)  # two Python threads take the chunks
+        shared = paired_math.ssim_map(as_tensor(a), as_tensor(b))
+        assert torch.get_num_threads() == 2  # restored after the ops ran on one thread each
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(shared, in_turn)
+    theirs = np.array([sk_ssim(x, y) for x, y in zip(a, b)])
+    assert np.abs(shared.mean(dim=(1, 2, 3)).numpy() - theirs).max() < 1e-6
+
+
 def test_psnr_equals_scikit_image_and_identical_images_are_infinite():
     a, b = noisy_pairs()
     ours = psnr(as_tensor(a), as_tensor(b)).numpy()
