@@ -83,6 +83,38 @@ def test_bosphorus_crops_frames_and_keypoints_to_the_signing_area(tmp_path):
         assert sample["keypoints"][0, :2].tolist() == pytest.approx([(wrist[0] - 0.25) / 0.5, wrist[1]], abs=1e-6)
 
 
+def signer(n: int, hands_at, seed: int) -> np.ndarray:
+    """(n, 2) points: a skeleton over 0.35..0.65 of the frame, and at ``hands_at`` (42 indices) two
+    hands, each 21 points within 0.05 of its wrist."""
+    points = np.random.default_rng(seed).uniform(0.35, 0.65, (n, 2))
+    for side, wrist in enumerate(((0.40, 0.62), (0.60, 0.62))):
+        for joint, index in enumerate(hands_at[21 * side:21 * side + 21]):
+            points[index] = (wrist[0] + 0.002 * joint, wrist[1] - 0.0015 * joint)
+    return points
+
+
+def test_hand_points_that_are_no_hands_are_refused_naming_the_option(tmp_path):
+    from handforge.plugins.datasets.tar_shards.layouts import BOSPHORUS_HANDS
+    clips = ("0001.1.001", "0001.1.002", "0002.3.004")
+    fx.bosphorus(tmp_path, clips=clips)
+
+    def references(hands_at):
+        fx.write_tar(tmp_path / "base_kps.tar.gz", [(f"{c}.pickle", pickle.dumps(signer(96, hands_at, i)))
+                                                    for i, c in enumerate(clips)], compress=True)
+
+    references(list(BOSPHORUS_HANDS))  # the layout the default assumes: opens
+    assert BosphorusPairs(TarPairsConfig(root=str(tmp_path))).hand_points == list(BOSPHORUS_HANDS)
+    shifted = list(range(54, 96))  # hands stored after 21 other points: the default reads one hand wrong
+    references(shifted)
+    with pytest.raises(DataError, match=r"base_kps\.tar\.gz: the hand points \(the bosphorus layout's default\) "
+                                        r"do not look like hands: in 3 of the 6 hands"):
+        BosphorusPairs(TarPairsConfig(root=str(tmp_path)))
+    data = BosphorusPairs(TarPairsConfig(root=str(tmp_path), hand_points=shifted))  # the fix the message names
+    assert data.reference(clips[0])[1][0, :2].tolist() == pytest.approx([(0.60 - 0.25) / 0.5, 0.62], abs=1e-6)
+    with pytest.raises(DataError, match=r"\(option hand_points\) do not look like hands"):
+        BosphorusPairs(TarPairsConfig(root=str(tmp_path), hand_points=list(range(42))))
+
+
 @pytest.mark.parametrize("make, cls", [(fx.synthsl, SynthSLPairs), (fx.bosphorus, BosphorusPairs)])
 def test_stream_splits_samples_over_readers_without_overlap(tmp_path, make, cls):
     make(tmp_path)

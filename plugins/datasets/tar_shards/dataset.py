@@ -35,6 +35,7 @@ from handforge.data import N_KEYPOINTS, check_index, check_split, non_finite
 from handforge.errors import DataError
 
 from ..bad_data import ON_ERROR_HELP, BadData, OnError
+from . import hand_check
 from .layouts import LAYOUTS, Layout
 from .members import MemberReader, index_members, iter_groups, read_all
 
@@ -101,12 +102,14 @@ class TarPairs(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise DataError(f"{self.root}: folder not found (dataset {self.name}, option root)")
         points = list(config.hand_points) or list(self.layout.hand_points)
+        self.hand_points = points
         self.points = points[N_KEYPOINTS:] if config.hand == "right" else points[:N_KEYPOINTS]
         self.image_size = config.size
         self.bad = BadData(f"{self.name} {self.root}", config.on_error)
         self.stream_bad = BadData(f"{self.name} {self.root} (stream)", config.on_error)  # what streams skip
         self.shards = self.layout.shards(self.root, split)
         self._reference_bytes = self._read_references()
+        self._check_hand_points()
         self._references: OrderedDict = OrderedDict()
         self._reader = MemberReader()
         self.entries: list[Entry] | None = None  # built on first use: a stream never needs it
@@ -125,6 +128,19 @@ class TarPairs(torch.utils.data.Dataset):
         images = read_all(self._archive(self.layout.reference_images), self._refused)
         keypoints = read_all(self._archive(self.layout.reference_keypoints), self._refused)
         return {seq: (images[seq], keypoints[seq]) for seq in images if seq in keypoints}
+
+    def _check_hand_points(self) -> None:
+        """The hand mapping against the first reference poses (see :mod:`.hand_check`); a pickle
+        that does not decode is left to the sample that uses it (and its on_error policy)."""
+        poses = []
+        for sequence in sorted(self._reference_bytes)[:hand_check.SAMPLE]:
+            try:
+                poses.append(np.asarray(safe_pickle.loads(self._reference_bytes[sequence][1], sequence),
+                                        dtype=np.float64))
+            except (DataError, TypeError, ValueError):
+                continue
+        option = "option hand_points" if self.config.hand_points else f"the {self.name} layout's default"
+        hand_check.check_hand_points(poses, self.hand_points, str(self.root / self.layout.reference_keypoints), option)
 
     def reference(self, sequence: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequence's reference image and keypoints, decoded (a few kept per process)."""

@@ -22,7 +22,8 @@ before resizing; keypoints are normalised to the full frame (the seed maps x by 
 The seed knew some shards to be corrupt and listed them by hand; here they are found and counted.
 The 96 points are MediaPipe landmarks ("mp96"); which of them are the hands is NOT stated in the
 seed: the default takes the 33 pose landmarks first, then the left and right hand's 21 (MediaPipe
-hand order, which is ours). Set ``hand_points`` when a data set's order differs.
+hand order, which is ours). Set ``hand_points`` when a data set's order differs; the dataset checks
+the mapping on the reference poses when it opens (:mod:`.hand_check`).
 """
 from __future__ import annotations
 
