@@ -10,9 +10,9 @@ What it adds to the folder:
   ``(concat(left, right) - mean) / std`` of that split's rows, always with the train statistics.
 
 Why a file rather than standardizing each batch: a standardized batch is then one gather of
-whole 360-byte rows from one memory map (about 30M poses/s with torch's two threads here, against
-8.5M for gathering the two 180-byte halves and standardizing them per batch), and every process,
-DataLoader worker and DDP rank reads the same page cache instead of holding its own copy.
+whole 360-byte rows from one memory map (a median of 24M poses/s with torch's two threads here,
+against 8.5M for gathering the two 180-byte halves and standardizing them per batch), and every
+process, DataLoader worker and DDP rank reads the same page cache instead of holding its own copy.
 """
 from __future__ import annotations
 
