@@ -134,7 +134,7 @@ class HandPoses(torch.utils.data.Dataset):
     def _x90(self, index: np.ndarray) -> torch.Tensor:
         if self._standardized is not None:
             # Whole 360-byte rows from one map, on torch's intra-op threads (one in a DataLoader
-            # worker): a median of 24M rows/s on two idle cores here, about 1.7x np.take's one thread.
+            # worker): a median of 24M rows/s on two idle cores here, about 1.5x np.take's one thread.
             return self._standardized.index_select(0, torch.from_numpy(index))
         x90 = np.empty((len(index), 90), dtype=np.float32)
         x90[:, :45] = self._take("left", index)
