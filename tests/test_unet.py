@@ -288,3 +288,38 @@ def test_peer_weights_give_the_peers_output():
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([3.0, 800.0])
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t, None), theirs(x, t), atol=2e-5, rtol=1e-4)
+
+
+def reference_linear_attention(attn, x):
+    """Shen et al.'s linear attention written out on (heads, d, positions) planes, as the peer does:
+    memory keys and values concatenated, q softmaxed over features, k over positions."""
+    n, c, h, w = x.shape
+    heads = attn.heads
+    qkv = F.conv2d(attn.norm(x), attn.to_qkv.weight).reshape(n, 3, heads, -1, h * w)
+    q, k, v = qkv.unbind(1)
+    mk, mv = (m.expand(n, -1, -1, -1) for m in attn.mem_kv)
+    k, v = torch.cat([mk, k], dim=-1), torch.cat([mv, v], dim=-1)
+    q = q.softmax(dim=-2) * attn.scale
+    context = torch.einsum("nhdp,nhep->nhde", k.softmax(dim=-1), v)
+    out = torch.einsum("nhde,nhdp->nhep", context, q).reshape(n, -1, h, w)
+    return attn.to_out(out.contiguous())
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_linear_attention_matches_the_written_out_formula(memory_format):
+    from handforge.plugins.backbones.unet import LinearAttention
+
+    torch.manual_seed(0)
+    attn = LinearAttention(24, heads=3, dim_head=8, mem_kv=4)
+    with torch.no_grad():
+        attn.to_out[0].bias.normal_()
+        attn.to_out[1].g.uniform_(0.5, 1.5)
+        attn.mem_kv.mul_(3)  # large memory keys: the shared maximum must span them
+    x = (torch.randn(3, 24, 6, 5) * 4).contiguous(memory_format=memory_format).requires_grad_()
+    ours, expected = attn(x), reference_linear_attention(attn, x)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    probe = torch.randn_like(expected)
+    grads = torch.autograd.grad((ours * probe).sum(), [x, *attn.parameters()])
+    expected_grads = torch.autograd.grad((expected * probe).sum(), [x, *attn.parameters()])
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

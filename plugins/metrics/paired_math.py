@@ -10,12 +10,11 @@ image; the metrics average them.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 import torch.nn.functional as F
 
 from handforge.keypoint_math import box_masks, hand_boxes
+from handforge.threads import map_single_threaded
 
 DATA_RANGE = 255.0
 K1, K2 = 0.01, 0.03
@@ -65,24 +64,11 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = DATA_RANGE) -
     if n > per_chunk and x.device.type == "cpu":
         # Each op on a chunk is too small to pay for a thread barrier, and on a busy machine the
         # barriers wait for descheduled threads (measured on 2 shared cores: 200 img/s on one
-        # thread, 8 on two). So every op runs on one thread, and the chunks are shared out over
-        # torch's thread count as Python threads instead (torch ops release the GIL): no barriers.
-        threads = torch.get_num_threads()
-        starts = range(0, n, per_chunk)
-
+        # thread, 8 on two). So the chunks go to Python threads, every op on one thread.
         def chunk(i):
             _ssim_map(x[i:i + per_chunk], y[i:i + per_chunk], data_range, windows, ratio[i:i + per_chunk])
 
-        torch.set_num_threads(1)
-        try:
-            if threads > 1:
-                with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                    list(pool.map(chunk, starts))
-            else:
-                for i in starts:
-                    chunk(i)
-        finally:
-            torch.set_num_threads(threads)
+        map_single_threaded(chunk, range(0, n, per_chunk))
     else:
         _ssim_map(x, y, data_range, windows, ratio)
     return ratio

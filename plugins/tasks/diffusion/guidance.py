@@ -2,6 +2,7 @@
 import torch
 
 from handforge.errors import HandforgeError
+from handforge.threads import batch_on_threads
 
 from .schedules import eps_from_x0, to_x0_eps
 
@@ -29,11 +30,12 @@ def predictor(net, schedule, objective, cond, *, conditioner=None, guidance_scal
 
     def predict(x, t):
         nonlocal null
-        output = net(x, t, cond).float()
+        # rows are independent in eval mode: on CPU, a slice of them per thread (handforge.threads)
+        output = batch_on_threads(net, x, t, cond).float()
         if guidance_scale != 1.0:
             if null is None:
                 null = null_of(x.shape[0], x.device)
-            output = guide(output, net(x, t, null).float(), guidance_scale)
+            output = guide(output, batch_on_threads(net, x, t, null).float(), guidance_scale)
         a, s = schedule.coefficients(t, x)
         x0, eps = to_x0_eps(objective, x, output, a, s)
         if clip:
