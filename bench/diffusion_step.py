@@ -3,14 +3,14 @@ sampling, ours beside denoising-diffusion-pytorch's Unet + GaussianDiffusion, as
 
     python bench/diffusion_step.py [--size 64] [--batch 16] [--sampling-steps 50] [--repeats 3]
                                    [--threads 2] [--device cpu|cuda] [--allocator tuned|default]
-                                   [--profile]
+                                   [--only train|sampling] [--profile]
 
 Both sides: sigmoid schedule, 1000 timesteps, v prediction, MSE, Adam (lr 2e-5, betas 0.9/0.99);
 sampling is deterministic DDIM (eta 0) over ``--sampling-steps`` steps with x0 clipped. Ours is the
 ``unet`` backbone with the diffusion task's schedule and DDIM sampler; the peer's weights are
 copied into ours first, so both run the same network (parameter counts are checked equal). The
 repeats are interleaved (ours, peer, ours, peer, ...) after one warm-up each, so a noisy machine
-hits both alike; the table has medians and ours/peer ratios of img/s (> 1: ours is faster).
+hits both alike (the sampling warm-up is one network evaluation); the table has medians and ours/peer ratios of img/s (> 1: ours is faster).
 Both run in one process, so under the same glibc allocator settings (``--allocator``, default
 handforge's own, see bench/_allocator.py). ``--profile``: one training step of each under
 ``torch.profiler`` (CPU), split by category (bench/_step_profile.py), side by side.
@@ -73,6 +73,11 @@ class Ours:
         predict = predictor(self.net, self.schedule, "pred_v", None)
         return run_sampler("ddim", self.schedule, predict, x, 999, steps=steps, eta=0.0)
 
+    @torch.no_grad()
+    def evaluate_once(self, n):
+        predict = predictor(self.net, self.schedule, "pred_v", None)
+        predict(torch.randn(n, 3, self.size, self.size, device=self.device), torch.full((n,), 999.0, device=self.device))
+
 
 class Peer:
     name = "denoising-diffusion-pytorch"
@@ -91,6 +96,12 @@ class Peer:
     @torch.no_grad()
     def sample(self, n, steps):
         return self.diffusion.sample(batch_size=n)
+
+    @torch.no_grad()
+    def evaluate_once(self, n):
+        d = self.diffusion
+        d.model_predictions(torch.randn(n, 3, *d.image_size, device=d.device),  # image_size: (h, w)
+                            torch.full((n,), 999, device=d.device, dtype=torch.long), None, clip_x_start=True)
 
 
 def timed(fn, device):
@@ -111,6 +122,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--allocator", choices=STATES, default="tuned",
                     help="glibc allocator settings of this process (both sides): handforge's (tuned) or glibc's")
+    ap.add_argument("--only", choices=("train", "sampling"), help="time one of the two measures")
     ap.add_argument("--profile", action="store_true", help="profile one training step of each, side by side")
     args = ap.parse_args()
     run_under(args.allocator)
@@ -128,10 +140,14 @@ def main():
     assert counts[0] == counts[1], counts
     x0 = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
     rows = {}
-    for what, call in [("train step", lambda m: m.train_step(x0)),
-                       (f"DDIM-{args.sampling_steps} sampling", lambda m: m.sample(args.batch, args.sampling_steps))]:
+    measures = [("train", "train step", lambda m: m.train_step(x0), lambda m: m.train_step(x0)),
+                ("sampling", f"DDIM-{args.sampling_steps} sampling", lambda m: m.sample(args.batch, args.sampling_steps),
+                 lambda m: m.evaluate_once(args.batch))]
+    for key, what, call, warm_up in measures:
+        if args.only not in (None, key):
+            continue
         for m in (ours, theirs):
-            timed(lambda: call(m), device)  # warm-up
+            timed(lambda: warm_up(m), device)
         times = {ours.name: [], theirs.name: []}
         for _ in range(args.repeats):
             for m in (ours, theirs):
