@@ -10,7 +10,7 @@ sampling is deterministic DDIM (eta 0) over ``--sampling-steps`` steps with x0 c
 ``unet`` backbone with the diffusion task's schedule and DDIM sampler; the peer's weights are
 copied into ours first, so both run the same network (parameter counts are checked equal). The
 repeats are interleaved (ours, peer, ours, peer, ...) after one warm-up each, so a noisy machine
-hits both alike (the sampling warm-up is one network evaluation); the table has medians and ours/peer ratios of img/s (> 1: ours is faster).
+hits both alike; the table has medians and ours/peer ratios of img/s (> 1: ours is faster).
 Both run in one process, so under the same glibc allocator settings (``--allocator``, default
 handforge's own, see bench/_allocator.py). ``--profile``: one training step of each under
 ``torch.profiler`` (CPU), split by category (bench/_step_profile.py), side by side.
@@ -73,11 +73,6 @@ class Ours:
         predict = predictor(self.net, self.schedule, "pred_v", None)
         return run_sampler("ddim", self.schedule, predict, x, 999, steps=steps, eta=0.0)
 
-    @torch.no_grad()
-    def evaluate_once(self, n):
-        predict = predictor(self.net, self.schedule, "pred_v", None)
-        predict(torch.randn(n, 3, self.size, self.size, device=self.device), torch.full((n,), 999.0, device=self.device))
-
 
 class Peer:
     name = "denoising-diffusion-pytorch"
@@ -96,12 +91,6 @@ class Peer:
     @torch.no_grad()
     def sample(self, n, steps):
         return self.diffusion.sample(batch_size=n)
-
-    @torch.no_grad()
-    def evaluate_once(self, n):
-        d = self.diffusion
-        d.model_predictions(torch.randn(n, 3, *d.image_size, device=d.device),  # image_size: (h, w)
-                            torch.full((n,), 999, device=d.device, dtype=torch.long), None, clip_x_start=True)
 
 
 def timed(fn, device):
@@ -140,14 +129,13 @@ def main():
     assert counts[0] == counts[1], counts
     x0 = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
     rows = {}
-    measures = [("train", "train step", lambda m: m.train_step(x0), lambda m: m.train_step(x0)),
-                ("sampling", f"DDIM-{args.sampling_steps} sampling", lambda m: m.sample(args.batch, args.sampling_steps),
-                 lambda m: m.evaluate_once(args.batch))]
-    for key, what, call, warm_up in measures:
+    measures = [("train", "train step", lambda m: m.train_step(x0)),
+                ("sampling", f"DDIM-{args.sampling_steps} sampling", lambda m: m.sample(args.batch, args.sampling_steps))]
+    for key, what, call in measures:
         if args.only not in (None, key):
             continue
         for m in (ours, theirs):
-            timed(lambda: warm_up(m), device)
+            timed(lambda: call(m), device)  # warm-up
         times = {ours.name: [], theirs.name: []}
         for _ in range(args.repeats):
             for m in (ours, theirs):

@@ -7,10 +7,12 @@ pieces as torch has threads and running each piece on its own Python thread, sin
 barriers: torch ops release the GIL, so the pieces run in parallel and each waits only for itself.
 
 torch's thread count is global, so it is 1 for the whole process while the pieces run and restored
-afterwards; grad and inference mode are per thread, so the caller's are carried into each piece.
+afterwards (once the last of several overlapping calls ends); grad and inference mode are per
+thread, so the caller's are carried into each piece.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
@@ -20,25 +22,40 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+_lock = threading.Lock()
+_active = 0  # calls of map_single_threaded running now, in any thread
+_restore = 1  # torch's thread count before the first of them
+
+
 def map_single_threaded(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``[fn(item) for item in items]``, on up to ``torch.get_num_threads()`` Python threads, every
-    torch op inside on one thread; results in the order of ``items``."""
+    torch op inside on one thread; results in the order of ``items``. A call made while another runs
+    (inside a piece, or from a second thread) sees one torch thread and runs its items in turn; the
+    last call to finish restores the thread count the first one found."""
+    global _active, _restore
     items = list(items)
-    threads = torch.get_num_threads()
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def piece(item):
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(item)
 
-    torch.set_num_threads(1)
+    with _lock:
+        threads = torch.get_num_threads()
+        if _active == 0:
+            _restore = threads
+        _active += 1
+        torch.set_num_threads(1)
     try:
         if threads > 1 and len(items) > 1:
             with ThreadPoolExecutor(min(threads, len(items))) as pool:
                 return list(pool.map(piece, items))
         return [fn(item) for item in items]
     finally:
-        torch.set_num_threads(threads)
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                torch.set_num_threads(_restore)
 
 
 def split_rows(value, rows: slice, batch: int):

@@ -84,3 +84,29 @@ def test_a_unet_batch_on_threads_equals_the_whole_batch(two_threads):
         expected = predictor(net, schedule, "pred_v", labels, conditioner=cond, guidance_scale=2.0)(x, t)
     for a, b in zip(guided, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_overlapping_calls_restore_the_count_the_first_one_found(two_threads):
+    inner_counts = []
+
+    def piece(i):  # a call inside a piece sees one thread and still returns everything
+        inner_counts.append(torch.get_num_threads())
+        return sum(map_single_threaded(lambda j: j + i, [1, 2]))
+
+    assert map_single_threaded(piece, [10, 20]) == [23, 43]
+    assert inner_counts == [1, 1] and torch.get_num_threads() == 2
+    results, errors = [], []
+
+    def caller():  # two user threads at once: whichever ends last restores 2
+        try:
+            results.append(map_single_threaded(lambda j: torch.get_num_threads(), range(4)))
+        except Exception as e:  # noqa: BLE001 - re-raised below in the main thread
+            errors.append(e)
+
+    callers = [threading.Thread(target=caller) for _ in range(2)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    assert not errors and results == [[1, 1, 1, 1]] * 2
+    assert torch.get_num_threads() == 2
